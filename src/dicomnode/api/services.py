@@ -1,0 +1,91 @@
+"""What the API needs from the node: stores over one database, and a way to enqueue jobs.
+
+The API does not take the :class:`~dicomnode.app.Node` (``app`` sits above it): it
+takes :class:`ApiServices`, built from a running node's task context
+(:meth:`ApiServices.from_context`, jobs then wake the node's workers at once) or
+over a database another process runs (:meth:`ApiServices.over`, jobs are picked
+up at that node's next poll). It deliberately holds no vault: the API never
+re-identifies anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import NodeSettings
+from dicomnode.jobs.base import RetryPolicy, TaskRegistry
+from dicomnode.jobs.local import LocalQueue
+from dicomnode.storage.index import StudyIndex
+from dicomnode.storage.labels import LabelStore
+from dicomnode.storage.outbox import Outbox
+from dicomnode.storage.registry import ModelRegistry
+from dicomnode.storage.results import ResultStore
+from dicomnode.storage.spool import FileStore
+
+if TYPE_CHECKING:
+    from dicomnode.pipeline.tasks import TaskContext
+
+__all__ = ["ApiServices", "Enqueue"]
+
+Enqueue = Callable[..., Any]
+"""``enqueue(task, args, *, dedup_key=None, delay_s=0.0)`` of a job queue."""
+
+
+@dataclass(frozen=True)
+class ApiServices:
+    """The node's stores as the API uses them (one database, one data directory)."""
+
+    settings: NodeSettings
+    sessions: sessionmaker[Session]
+    files: FileStore
+    index: StudyIndex
+    outbox: Outbox
+    registry: ModelRegistry
+    results: ResultStore
+    labels: LabelStore
+    enqueue: Enqueue
+    """Where ``send_result`` jobs go when an operator retries an outbox item."""
+
+    @classmethod
+    def from_context(cls, ctx: TaskContext, sessions: sessionmaker[Session]) -> ApiServices:
+        """The services of a running node (``node.ctx``, ``node.sessions``).
+
+        Raises
+        ------
+        ValueError
+            The context lacks a store the API needs.
+        """
+        missing = [n for n in ("registry", "results", "outbox", "labels")
+                   if getattr(ctx, n) is None]
+        if missing:
+            raise ValueError(f"task context has no {', '.join(missing)}")
+        return cls(settings=ctx.settings, sessions=sessions, files=ctx.files, index=ctx.index,
+                   outbox=ctx.outbox, registry=ctx.registry,  # type: ignore[arg-type]
+                   results=ctx.results, labels=ctx.labels,  # type: ignore[arg-type]
+                   enqueue=ctx.queue.enqueue)
+
+    @classmethod
+    def over(cls, settings: NodeSettings, sessions: sessionmaker[Session],
+             enqueue: Enqueue | None = None) -> ApiServices:
+        """Services over a node's database and data directory, without its workers.
+
+        Jobs go through ``enqueue`` (the configured backend's, from the CLI); by default
+        to the embedded job table, run by the node that owns the workers.
+        """
+        data_dir = settings.data_dir.resolve()
+        files = FileStore(data_dir, fsync=settings.storage.fsync)
+        if enqueue is None:
+            tasks = TaskRegistry()
+            # Only the name and queue matter to an enqueue-only queue.
+            tasks.register("send_result", lambda ctx, **kw: None, queue="send",
+                           retry=RetryPolicy(max_attempts=1))
+            enqueue = LocalQueue(sessions, tasks, workers={}).enqueue
+        return cls(settings=settings, sessions=sessions, files=files,
+                   index=StudyIndex(sessions), outbox=Outbox(sessions),
+                   registry=ModelRegistry(sessions, data_dir),
+                   results=ResultStore(sessions, files), labels=LabelStore(sessions, files),
+                   enqueue=enqueue)

@@ -1,0 +1,5 @@
+"""Settings of the operator API: the ``[api]`` section of :mod:`dicomnode.config`."""
+
+from dicomnode.config import ApiSettings
+
+__all__ = ["ApiSettings"]

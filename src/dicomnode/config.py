@@ -1,0 +1,555 @@
+"""Typed, layered node configuration.
+
+Precedence, lowest first: built-in defaults, one TOML file, ``DICOMNODE_...``
+environment variables (``__`` separates nesting levels, e.g.
+``DICOMNODE_SCP__PORT=4242``), then explicit overrides (the CLI flags).
+
+:func:`load_settings` is called once, by the CLI; everything below receives the
+frozen :class:`NodeSettings` object and never reads the environment itself.
+Every key is documented, with its default, in ``config/node.example.toml``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicomnode.errors import ConfigError
+
+__all__ = [
+    "ApiSettings",
+    "CompletionRule",
+    "CompletionSettings",
+    "DeidSettings",
+    "InferenceSettings",
+    "ResultSettings",
+    "RoutingRule",
+    "RoutingSettings",
+    "PixelMaskRule",
+    "PrivateKeepRule",
+    "JobSettings",
+    "LearningSettings",
+    "NodeSettings",
+    "PeerSettings",
+    "ScpSettings",
+    "SeriesRequirement",
+    "StorageSettings",
+    "TlsSettings",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+def _check_ae(value: str) -> str:
+    """Validate an AE title (PS3.5 6.2: 16 chars max, no backslash or control chars)."""
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable ASCII characters, no backslash, not all spaces")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(_Section):
+    """DICOM TLS (PS3.15 B.9 / BCP 195): TLS 1.2+, server certificate, optional client cert."""
+
+    mode: Literal["off", "separate", "only"] = "off"
+    """off: plain DICOM only; separate: TLS on ``port`` beside plain; only: TLS replaces plain."""
+    port: int = Field(2762, ge=1, le=65535)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    """CA bundle that client certificates must chain to."""
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _needs_files(self) -> TlsSettings:
+        if self.mode != "off" and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file are required when tls.mode is not off")
+        if self.mode != "off" and self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.ca_file is required when tls.require_client_cert is true")
+        return self
+
+
+class ScpSettings(_Section):
+    """The storage SCP: where it listens and whom it lets in."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    accept_any_ae: bool = False
+    """Accept any calling AE title. Off: only AE titles of [peers.*] with allow_store."""
+    require_called_ae: bool = False
+    """Reject associations whose called AE title is not ours."""
+    max_associations: int = Field(16, ge=1, le=1024)
+    max_pdu: int = Field(131072, ge=0)
+    """Maximum PDU we receive; 0 = unlimited. 128 KiB is dcmtk's cap and 1.3x faster than 16 KiB."""
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    poll_interval_s: float = Field(0.0002, gt=0, le=0.01)
+    """How often an association's network thread polls its socket when idle (pynetdicom's
+    DUL loop; its default 0.001 s halves C-STORE throughput, see DESIGN.md)."""
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """On stop, running associations get this long to finish before they are aborted."""
+    tls: TlsSettings = TlsSettings()
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, value: int) -> int:
+        if value != 0 and value < 4096:
+            raise ValueError("must be 0 (unlimited) or at least 4096")
+        return value
+
+
+class PeerSettings(_Section):
+    """A known DICOM application entity: a modality, a PACS, a workstation."""
+
+    ae_title: str
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    allow_store: bool = True
+    """May send us objects (is on the calling-AE allow-list)."""
+    quiet_period_s: float | None = Field(None, gt=0)
+    """Overrides completion.quiet_period_s for studies this peer sends."""
+    storage_commitment: bool = False
+    """Ask this peer for storage commitment (N-ACTION) after sending it results; an item
+    is ``confirmed`` when its N-EVENT-REPORT says so. The peer must be able to open an
+    association to us for the report (it is let in for that)."""
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class SeriesRequirement(_Section):
+    """One series that a completion rule waits for."""
+
+    modality: str | None = None
+    series_number: int | None = None
+    min_instances: int = Field(1, ge=1)
+
+
+class CompletionRule(_Section):
+    """Complete a study early once every required series has arrived."""
+
+    name: str
+    calling_ae: str | None = None
+    """Only for studies sent by this AE title; None = any."""
+    series: list[SeriesRequirement] = Field(min_length=1)
+    settle_s: float = Field(2.0, ge=0)
+    """Grace after the last instance once the rule is met (a modality may still be sending)."""
+
+
+class CompletionSettings(_Section):
+    """When a study counts as fully arrived (see DESIGN.md, "Study completion")."""
+
+    quiet_period_s: float = Field(30.0, gt=0)
+    max_wait_s: float = Field(3600.0, gt=0)
+    """Force-complete this long after the first instance of a study version, even if busy."""
+    check_interval_s: float = Field(1.0, gt=0)
+    rules: list[CompletionRule] = []
+
+
+class StorageSettings(_Section):
+    """Files under the data directory."""
+
+    fsync: bool = True
+    """fsync every received object (and its directory) before answering success."""
+
+
+class PrivateKeepRule(_Section):
+    """A private element kept by Retain Safe Private (113111), matched by its creator."""
+
+    creator: str
+    element: int = Field(ge=0, le=0xFF)
+    """Offset inside the private block: 0x10 for (gggg,xx10)."""
+    vr: str
+
+
+class PixelMaskRule(_Section):
+    """Pixels to blank (Clean Pixel Data, 113101) on objects matching every given field."""
+
+    regions: list[tuple[int, int, int, int]] = []
+    """Rectangles (row, column, rows, columns), 0-based from the top left."""
+    keep_ultrasound_regions: bool = False
+    """Blank everything outside the Sequence of Ultrasound Regions instead."""
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    manufacturer: str | None = None
+    manufacturer_model_name: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+class DeidSettings(_Section):
+    """De-identification keys and profile (see DESIGN.md, "De-identification")."""
+
+    secret: SecretStr | None = None
+    """Master secret for pseudonyms (at least 32 characters); prefer secret_file or the env."""
+    secret_file: Path | None = None
+    """File holding the master secret; must exist when set."""
+    vault_key: SecretStr | None = None
+    """Key of the identity vault (at least 32 characters), separate from the secret."""
+    vault_key_file: Path | None = None
+    generate_secret: bool = True
+    """With no secret (or vault key) configured: create ``keys/node.key`` (``keys/vault.key``)
+    with mode 0600 in data_dir. The embedded demo default; set false in production so a lost
+    key stops the node instead of silently starting a new pseudonym epoch."""
+    min_shift_days: int = Field(365, ge=1)
+    max_shift_days: int = Field(3650, ge=1)
+    patient_id_prefix: str = "P"
+    patient_name_style: Literal["id", "anon^id"] = "id"
+    retain_full_dates: bool = False
+    """113106 instead of 113107: keep dates unshifted."""
+    retain_patient_characteristics: bool = True
+    clean_descriptors: bool = True
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    safe_private: list[PrivateKeepRule] = []
+    """Private elements kept (113111 is claimed when this list is not empty)."""
+    age_cap_years: int | None = Field(90, ge=1, le=999)
+    keep_text: list[str] = []
+    """Keywords of free-text attributes to keep (reviewed as safe at your site)."""
+    descriptor_words: list[str] = []
+    """Words Clean Descriptors may keep besides the built-in vocabulary."""
+    risky_modalities: list[str] | None = None
+    """Modalities whose pixels may carry burned-in text; None = the built-in list."""
+    risky_sop_classes: list[str] | None = None
+    quarantine_risky: bool = True
+    """Quarantine objects at risk of burned-in identity (not used, listed by ``dicomnode
+    quarantine list``); false stores them de-identified with the risk noted."""
+    mask_rules: list[PixelMaskRule] = []
+    spool_retention_s: float = Field(0.0, ge=0)
+    """Keep the identified spool file this long after its de-identified copy is durable."""
+    settle_s: float = Field(0.5, ge=0)
+    """Wait this long after a study's latest instance before de-identifying it (so a burst
+    of C-STOREs is not slowed by de-identification competing for the CPU)..."""
+    max_delay_s: float = Field(30.0, ge=0)
+    """...but never let an instance wait longer than this."""
+
+
+class InferenceSettings(_Section):
+    """ONNX Runtime and the model registry."""
+
+    providers: Literal["auto"] | list[str] = "auto"
+    """"auto": CUDA when onnxruntime-gpu and a GPU are there, else CPU; or an explicit
+    list such as ["CUDAExecutionProvider", "CPUExecutionProvider"]."""
+    intra_op_threads: int = Field(0, ge=0)
+    """Threads inside one operator; 0 = ONNX Runtime's default (all cores)."""
+    inter_op_threads: int = Field(0, ge=0)
+    demo_model: bool = True
+    """Register and activate the bundled demo model when the registry is empty."""
+
+
+class RoutingRule(_Section):
+    """Which models run on a study, and on which of its series."""
+
+    name: str
+    models: list[str] = Field(min_length=1)
+    modality: str | None = "CT"
+    """Modality of the series to run on (None: any)."""
+    body_part: str | None = None
+    """Regular expression BodyPartExamined must match (case-insensitive)."""
+    series_description: str | None = None
+    """Regular expression SeriesDescription must match (case-insensitive)."""
+    sop_class_uid: str | None = None
+    calling_ae: str | None = None
+    """Only studies sent by this AE title."""
+    min_slices: int = Field(2, ge=1)
+    plane: Literal["axial", "coronal", "sagittal"] | None = "axial"
+    max_slice_spacing_mm: float | None = Field(None, gt=0)
+    destinations: list[str] | None = None
+    """Where this rule's results go (peer names or "caller"); None: results.destinations."""
+
+
+class RoutingSettings(_Section):
+    """Routing rules, tried in order; every matching rule's models run."""
+
+    rules: list[RoutingRule] = [
+        RoutingRule(name="demo-ct-lesions", models=["demo-lesion"], modality="CT", min_slices=8)
+    ]
+
+
+class ResultSettings(_Section):
+    """Results (DICOM SEG and TID 1500 SR) and their delivery (see DESIGN.md, "Results")."""
+
+    destinations: list[str] = ["caller"]
+    """Peer names to send results to; "caller" is the peer whose AE title sent the study
+    (it needs host and port in [peers.*])."""
+    seg: bool = True
+    sr: bool = True
+    max_attempts: int = Field(10, ge=1)
+    retry_base_s: float = Field(30.0, ge=0)
+    """First retry after this long, doubling each time..."""
+    retry_max_s: float = Field(600.0, ge=0)
+    """...capped at this; after max_attempts the item is dead-lettered."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Association and DIMSE timeout when sending."""
+    manufacturer: str = "dicomnode"
+    institution_name: str | None = None
+
+
+class LearningSettings(_Section):
+    """Labels from radiologists' corrected SEGs, scheduled retraining, the promotion gate."""
+
+    annotation_aes: list[str] = []
+    """Calling AE titles whose Segmentation objects become ground-truth labels (one AE
+    per annotator: a later SEG from the same AE for the same study replaces its label)."""
+    model: str = "demo-lesion"
+    """The model retraining produces candidates for (its active package gives the input
+    contract and the labels)."""
+    schedule: str = "0 2 * * *"
+    """Cron expression (minute hour day month weekday) of the retraining run."""
+    interval_s: float | None = Field(None, gt=0)
+    """Run every this many seconds instead of the cron schedule (tests, demos)."""
+    enabled: bool = True
+    min_new_labels: int = Field(5, ge=0)
+    """A scheduled run trains only when at least this many labels arrived since the last."""
+    agreement_threshold: float = Field(0.7, ge=0, le=1)
+    """Studies whose annotators agree less (mean pairwise Dice) are flagged for review..."""
+    include_flagged: bool = False
+    """...and left out of training unless this is true."""
+    consensus: Literal["majority", "staple"] = "staple"
+    margin: float = Field(0.02, ge=0)
+    """Promote only when the candidate's mean Dice on the held-out split beats the active
+    model's by at least this much (and the bootstrap interval excludes no gain)."""
+    floor: float = Field(0.5, ge=0, le=1)
+    """No candidate below this mean Dice is promoted (also the first model)."""
+    train_steps: int = Field(600, ge=1)
+    train_seed: int = 0
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    """Train / validation / test shares of the patients (split by patient pseudonym)."""
+    split_seed: int = 0
+    """Keep fixed: test patients then never enter training in later runs."""
+
+
+class ApiSettings(_Section):
+    """The operator HTTP API and dashboard (DESIGN.md, "Operator surface")."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Loopback by default: put a TLS-terminating reverse proxy in front to expose it."""
+    port: int = Field(8080, ge=0, le=65535)
+    """0: any free port (tests); the port in use is logged."""
+    token: SecretStr | None = None
+    """Bearer token (at least 16 characters); prefer ``DICOMNODE_API__TOKEN``."""
+    token_file: Path | None = None
+    """File holding the bearer token. With neither ``token`` nor ``token_file``, the node
+    uses ``keys/api.token`` in data_dir, created (mode 0600) on first start."""
+    users: dict[str, SecretStr] = {}
+    """Basic-auth users (name -> password), for the dashboard in a browser; the name is
+    recorded in the audit trail for every change made through the API."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without credentials (a scraper on a trusted network)."""
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _passwords(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, password in value.items():
+            if not name or ":" in name:
+                raise ValueError(f"user name {name!r}: must be non-empty, without ':'")
+            if len(password.get_secret_value()) < 8:
+                raise ValueError(f"password of {name}: must be at least 8 characters")
+        return value
+
+
+class JobSettings(_Section):
+    """The job queue that runs everything after the C-STORE handler."""
+
+    backend: Literal["local", "procrastinate"] = "local"
+    """local: a table in the node's database, workers in the node process (one process).
+    procrastinate: PostgreSQL queue shared by several receivers and workers."""
+    url: str | None = None
+    """PostgreSQL URL of the procrastinate queue; None = database_url."""
+    stalled_after_s: float = Field(60.0, gt=0)
+    """procrastinate: a job whose worker sent no heartbeat for this long runs again."""
+    workers: dict[str, int] = {"default": 1, "ingest": 1, "cpu": 1, "gpu": 1, "send": 2, "train": 1}
+    """Worker threads per queue."""
+    lease_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    retry_base_s: float = Field(5.0, ge=0)
+    retry_max_s: float = Field(600.0, ge=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
+
+
+class NodeSettings(BaseSettings):
+    """All settings of one node. Frozen: build a new one to change anything."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    ae_title: str = "DICOMNODE"
+    data_dir: Path = Path("./dicomnode-data")
+    database_url: str | None = None
+    """SQLAlchemy URL; None = SQLite file ``dicomnode.db`` in data_dir."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    scp: ScpSettings = ScpSettings()
+    peers: dict[str, PeerSettings] = {}
+    completion: CompletionSettings = CompletionSettings()
+    storage: StorageSettings = StorageSettings()
+    jobs: JobSettings = JobSettings()
+    deid: DeidSettings = DeidSettings()
+    inference: InferenceSettings = InferenceSettings()
+    routing: RoutingSettings = RoutingSettings()
+    results: ResultSettings = ResultSettings()
+    learning: LearningSettings = LearningSettings()
+    api: ApiSettings = ApiSettings()
+    log_json: bool = False
+    """JSON lines on stderr instead of text."""
+    audit_file: Path | None = None
+    """The audit trail (JSON lines, mode 0600); None = ``audit.jsonl`` in data_dir."""
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL in use (the SQLite default spelled out)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'dicomnode.db').resolve()}"
+
+    def allowed_calling_aes(self) -> list[str]:
+        """AE titles allowed to send to us (ignored when scp.accept_any_ae)."""
+        return sorted(
+            {p.ae_title for p in self.peers.values() if p.allow_store or p.storage_commitment}
+        )
+
+    @property
+    def queue_url(self) -> str | None:
+        """The procrastinate queue's PostgreSQL URL (jobs.url, else database_url)."""
+        return self.jobs.url or self.database_url
+
+    def peer_by_ae(self, ae_title: str | None) -> tuple[str, PeerSettings] | None:
+        """The first peer with this AE title, as (name, settings)."""
+        for name, peer in self.peers.items():
+            if peer.ae_title == ae_title:
+                return name, peer
+        return None
+
+    @model_validator(mode="after")
+    def _queue_needs_postgres(self) -> NodeSettings:
+        if self.jobs.backend == "procrastinate":
+            url = self.jobs.url or self.database_url or ""
+            if not url.startswith("postgresql"):
+                raise ValueError(
+                    "jobs.url: the procrastinate backend needs a PostgreSQL URL "
+                    "(jobs.url or database_url)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _destinations_known(self) -> NodeSettings:
+        names = set(self.results.destinations)
+        for rule in self.routing.rules:
+            names |= set(rule.destinations or [])
+        unknown = sorted(n for n in names - {"caller"} if n not in self.peers)
+        if unknown:
+            raise ValueError(f"results.destinations: no [peers.{unknown[0]}] defined")
+        for n in names - {"caller"}:
+            p = self.peers[n]
+            if p.host is None or p.port is None:
+                raise ValueError(f"peers.{n}: host and port are needed to send results there")
+        return self
+
+    def quiet_period_for(self, calling_ae: str | None) -> float:
+        """The quiet period for studies sent by ``calling_ae``."""
+        for peer in self.peers.values():
+            if peer.ae_title == calling_ae and peer.quiet_period_s is not None:
+                return peer.quiet_period_s
+        return self.completion.quiet_period_s
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _TOML_FILE.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(root)"
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    shown = err.get("input")
+    got = f" (got {shown!r})" if isinstance(shown, str | int | float | bool) else ""
+    return f"{key}: {msg}{got}{extra}"
+
+
+def load_settings(
+    path: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> NodeSettings:
+    """Load and validate the configuration once.
+
+    Parameters
+    ----------
+    path
+        A TOML file, or None for defaults plus environment.
+    overrides
+        Nested mapping applied on top of everything (CLI flags),
+        e.g. ``{"scp": {"port": 4242}}``.
+
+    Raises
+    ------
+    ConfigError
+        With a one-line message naming the file or the key.
+    """
+    toml_path = Path(path) if path is not None else None
+    if toml_path is not None:
+        if not toml_path.is_file():
+            raise ConfigError(f"{toml_path}: no such config file")
+        try:
+            tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{toml_path}: {exc}") from None
+    token = _TOML_FILE.set(toml_path)
+    try:
+        return NodeSettings(**dict(overrides or {}))
+    except ValidationError as exc:
+        where = f"{toml_path}: " if toml_path else ""
+        raise ConfigError(f"{where}{_format_error(exc)}") from None
+    finally:
+        _TOML_FILE.reset(token)

@@ -1,0 +1,119 @@
+"""Routing: which models run on a study, and on which series (pure, headers only)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from dicomnode.config import RoutingRule
+from dicomnode.dicom.volume import select_series, summarize_series
+from dicomnode.errors import InferenceError
+
+__all__ = ["Route", "RoutingDecision", "route_study"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Run ``model`` on ``series_key`` because of ``rule``."""
+
+    rule: str
+    model: str
+    series_key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The routes chosen for a study, and why every other rule did not apply."""
+
+    routes: tuple[Route, ...]
+    skipped: tuple[tuple[str, str], ...] = field(default=())
+    """(rule name, reason) for rules that matched nothing."""
+
+    @property
+    def applicable(self) -> bool:
+        return bool(self.routes)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "applicable": self.applicable,
+            "routes": [r.__dict__ for r in self.routes],
+            "skipped": [{"rule": n, "reason": why} for n, why in self.skipped],
+        }
+
+
+def _matches(pattern: str | None, value: object) -> bool:
+    return pattern is None or re.search(pattern, str(value or ""), re.IGNORECASE) is not None
+
+
+def route_study(
+    series: Mapping[str, Sequence[Dataset]],
+    rules: Sequence[RoutingRule],
+    *,
+    calling_ae: str | None,
+) -> RoutingDecision:
+    """Apply routing rules to a study's series (headers suffice, no Pixel Data).
+
+    Parameters
+    ----------
+    series
+        Series key -> its instances' headers (de-identified).
+    rules
+        Tried in order; each matching rule contributes its models (a model chosen by
+        an earlier rule is not added twice).
+    calling_ae
+        AE title that sent the study.
+
+    Returns
+    -------
+    RoutingDecision
+        With no route when nothing applies; reasons name rules and attributes only.
+    """
+    routes: list[Route] = []
+    skipped: list[tuple[str, str]] = []
+    chosen_models: set[str] = set()
+    for rule in rules:
+        if rule.calling_ae is not None and rule.calling_ae != calling_ae:
+            skipped.append((rule.name, f"calling AE is not {rule.calling_ae}"))
+            continue
+        candidates = []
+        keys = []
+        for key, dss in series.items():
+            first = dss[0]
+            if not _matches(rule.body_part, first.get("BodyPartExamined")):
+                continue
+            if (
+                rule.sop_class_uid is not None
+                and str(first.get("SOPClassUID")) != rule.sop_class_uid
+            ):
+                continue
+            candidates.append(summarize_series(dss))
+            keys.append(key)
+        if not candidates:
+            skipped.append((rule.name, "no series with the required body part / SOP class"))
+            continue
+        try:
+            pick = select_series(
+                candidates,
+                modality=rule.modality,
+                plane=rule.plane.upper() if rule.plane else None,
+                min_slices=rule.min_slices,
+                max_slice_spacing_mm=rule.max_slice_spacing_mm,
+                description_pattern=rule.series_description,
+            )
+        except InferenceError as exc:
+            skipped.append((rule.name, str(exc)))
+            continue
+        key = keys[candidates.index(pick)]
+        why = (
+            f"{pick.modality} {pick.plane.value if pick.plane else ''} series of "
+            f"{pick.n_instances} slices, spacing {pick.slice_spacing_mm} mm"
+        )
+        for model in rule.models:
+            if model not in chosen_models:
+                chosen_models.add(model)
+                routes.append(Route(rule.name, model, key, why))
+    return RoutingDecision(tuple(routes), tuple(skipped))

@@ -1,0 +1,93 @@
+"""Prometheus metrics of the node (``prometheus_client``), served at ``/metrics`` by the API.
+
+These metric objects are module-level: the one accepted exception to "no
+module-level state" (style rule 5). A Prometheus counter is a process-wide fact
+(scrapes must see every increment, from whichever thread or node object made
+it), ``prometheus_client`` registers collectors in its process-wide default
+registry, and the emitting modules (C-STORE handler, pipeline tasks, vault,
+registry) would otherwise need a metrics object threaded through every call.
+Several node objects in one process (tests) therefore share these counters;
+tests compare differences, never absolute values.
+
+What is scraped from the database rather than counted here (queue depth per
+queue and status, outbox items per status, studies per state) is collected at
+scrape time by :mod:`dicomnode.api.metrics_collector`, so it is right for every
+process that shares the database and survives restarts.
+
+Label values are bounded sets the node chooses (status codes, stage names, queue
+names, peer names, model names and versions): never a key of a study, a UID or
+anything taken from a dataset.
+
+This module is a leaf: it imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+__all__ = [
+    "ASSOCIATIONS",
+    "INFERENCE_SECONDS",
+    "INSTANCES_RECEIVED",
+    "INSTANCES_REJECTED",
+    "SEND_ATTEMPTS",
+    "SEND_FAILURES",
+    "STAGE_SECONDS",
+    "VAULT_READS",
+    "dimse_status",
+]
+
+# From a 1 ms de-identification to a multi-minute inference on CPU.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0, 600.0)
+
+INSTANCES_RECEIVED = Counter(
+    "dicomnode_instances_received",
+    "C-STORE requests answered with success (0x0000), re-sends of identical objects included.",
+)
+INSTANCES_REJECTED = Counter(
+    "dicomnode_instances_rejected",
+    "C-STORE requests answered with a failure status (see scp/handlers.py for the table).",
+    ["status"],
+)
+ASSOCIATIONS = Counter(
+    "dicomnode_associations",
+    "Associations requested of the storage SCP, by outcome (accepted, rejected, aborted).",
+    ["event"],
+)
+STAGE_SECONDS = Histogram(
+    "dicomnode_stage_seconds",
+    "Seconds spent in one pipeline stage: deidentify (one instance), route (one study "
+    "version), inference (one model on one series, volume assembly included), encode "
+    "(SEG and SR of one result), reidentify and send (one outbox object).",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFERENCE_SECONDS = Histogram(
+    "dicomnode_inference_seconds",
+    "Seconds one model version took on one series (assembly, pre/postprocessing, run).",
+    ["model", "version"],
+    buckets=_LATENCY_BUCKETS,
+)
+SEND_ATTEMPTS = Counter(
+    "dicomnode_send_attempts",
+    "C-STORE attempts of result objects, by destination (peer name or 'caller').",
+    ["destination"],
+)
+SEND_FAILURES = Counter(
+    "dicomnode_send_failures",
+    "Failed C-STORE attempts of result objects, by destination and outcome "
+    "(retry: another attempt is scheduled; dead: attempts used up or refused by the "
+    "re-identification guard; unroutable: the destination has no address).",
+    ["destination", "outcome"],
+)
+VAULT_READS = Counter(
+    "dicomnode_vault_reads",
+    "Audited read sessions of the identity vault, by kind of actor (reidentify, operator).",
+    ["actor"],
+)
+
+
+def dimse_status(status: int) -> str:
+    """A DIMSE status as the ``status`` label value: ``0xA700``."""
+    return f"0x{status:04X}"

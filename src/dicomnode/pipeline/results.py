@@ -1,0 +1,400 @@
+"""Results: DICOM SEG and TID 1500 SR from a model's output, and their delivery.
+
+``encode_results`` builds the objects on the *de-identified* headers (so what the
+node keeps on disk stays pseudonymous), writes them under ``results/`` and
+records one outbox row per destination before anything is sent. ``send_result``
+re-identifies one object in memory through the vault (the guard refuses any
+pseudonym left), sends it with C-STORE, and schedules its own retries with
+exponential backoff on the outbox row until it is dead-lettered.
+
+Result UIDs are derived from (study version, model version, kind), so a rerun or
+a redelivery never makes a second object on the PACS; a later study version makes
+new objects that reference the ones they supersede.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomnode import __version__, metrics
+from dicomnode.audit import audit
+from dicomnode.dicom.deid import reidentify
+from dicomnode.dicom.findings import (
+    AlgorithmSpec,
+    DeviceSpec,
+    Finding,
+    InstanceReference,
+    derived_uid,
+)
+from dicomnode.dicom.seg import SegmentSpec, build_seg
+from dicomnode.dicom.sr import build_measurement_report
+from dicomnode.errors import NodeError, ReidentificationError, SendError
+from dicomnode.scp.scu import request_commitment, send_datasets
+from dicomnode.storage.modelpkg import read_model_package
+
+if TYPE_CHECKING:
+    from dicomnode.pipeline.tasks import TaskContext
+
+__all__ = ["encode_results", "send_result"]
+
+log = logging.getLogger(__name__)
+
+_KIND_SERIES_NUMBER = {"SEG": 9001, "SR": 9002}
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _per_label(findings: list[dict], volume_hu: np.ndarray | None = None) -> list[Finding]:
+    """Components per label -> one SR finding per label (TID 1411 is per SEG segment)."""
+    by_label: dict[int, list[dict]] = {}
+    for f in findings:
+        by_label.setdefault(int(f["label"]), []).append(f)
+    out = []
+    for label, comps in sorted(by_label.items()):
+        voxels = sum(int(c["voxel_count"]) for c in comps)
+        out.append(
+            Finding(
+                label_number=label,
+                label=str(comps[0]["label_name"]),
+                volume_mm3=float(sum(float(c["volume_mm3"]) for c in comps)),
+                max_diameter_mm=float(max(float(c["max_diameter_mm"]) for c in comps)),
+                mean_intensity=float(
+                    sum(float(c["mean_value"]) * int(c["voxel_count"]) for c in comps)
+                    / max(1, voxels)
+                ),
+            )
+        )
+    return out
+
+
+def destinations_for(ctx: TaskContext, study_id: int, model: str) -> list[str]:
+    """Where a model's results go: its routing rule's destinations, else the defaults."""
+    study = ctx.index.study(study_id)
+    routes = (study.info or {}).get("routing", {}).get("routes", []) if study else []
+    rule_names = {r["rule"] for r in routes if r["model"] == model}
+    for rule in ctx.settings.routing.rules:
+        if rule.name in rule_names and rule.destinations is not None:
+            return list(rule.destinations)
+    return list(ctx.settings.results.destinations)
+
+
+def encode_results(ctx: TaskContext, result_id: int) -> None:
+    """Build the SEG and SR of one inference result and queue them for delivery."""
+    assert ctx.results is not None and ctx.registry is not None and ctx.outbox is not None
+    result = ctx.results.get(result_id)
+    if result is None or result.status != "done":
+        return
+    study = ctx.index.study(result.study_id)
+    if study is None or study.version != result.study_version:
+        return  # a later version is on its way; its own result will be encoded
+    t0 = time.perf_counter()
+    mask, sop_keys = ctx.results.load_mask(result)
+    files = ctx.index.series_files(result.study_id).get(result.series_key, [])
+    headers = {}
+    for path in files:
+        with open(ctx.files.path(path), "rb") as fh:
+            ds = dcmread(fh, stop_before_pixels=True)
+        headers[str(ds.SOPInstanceUID)] = ds
+    sources = [headers[k] for k in sop_keys]
+    registered = ctx.registry.get(result.model_name, result.model_version)
+    assert registered is not None
+    pkg = read_model_package(registered.path)
+    rs = ctx.settings.results
+    device = DeviceSpec(
+        manufacturer=rs.manufacturer,
+        manufacturer_model_name="dicomnode",
+        software_versions=__version__,
+        device_serial_number=ctx.settings.ae_title,
+        device_observer_uid=derived_uid("dicomnode-device", ctx.settings.ae_title),
+        device_observer_name=ctx.settings.ae_title,
+        institution_name=rs.institution_name,
+    )
+    algorithm = AlgorithmSpec(name=pkg.name, version=pkg.version)
+    segments = [
+        SegmentSpec(
+            number=lb.number,
+            label=lb.name,
+            category=(lb.category.scheme, lb.category.value, lb.category.meaning),
+            type=(lb.type.scheme, lb.type.value, lb.type.meaning),
+            rgb=lb.color,
+        )
+        for lb in pkg.labels
+    ]
+    key = (study.study_key, result.study_version, result.model_name, result.model_version)
+    when = _dt.datetime.fromtimestamp(result.created_at).replace(microsecond=0)
+    dests = destinations_for(ctx, result.study_id, result.model_name)
+    objects: list[tuple[str, Dataset]] = []
+
+    def previous(kind: str) -> InstanceReference | None:
+        for dest in dests or ["-"]:
+            prev = ctx.outbox.previous(
+                result.study_id, result.model_name, kind, result.study_version, dest
+            )
+            if prev is not None:
+                return InstanceReference(
+                    study.study_key,
+                    prev.series_instance_uid,
+                    prev.sop_class_uid,
+                    prev.sop_instance_uid,
+                )
+        return None
+
+    seg = build_seg(
+        sources,
+        mask,
+        segments,
+        algorithm,
+        device=device,
+        series_instance_uid=derived_uid("seg-series", *key),
+        sop_instance_uid=derived_uid("seg", *key),
+        series_number=_KIND_SERIES_NUMBER["SEG"],
+        series_description=f"{pkg.name} {pkg.version} segmentation",
+        supersedes=previous("SEG"),
+        content_datetime=when,
+    )
+    if rs.seg:
+        objects.append(("SEG", seg))
+    if rs.sr:
+        sr = build_measurement_report(
+            sources,
+            seg,
+            _per_label(result.findings),
+            algorithm,
+            device=device,
+            series_instance_uid=derived_uid("sr-series", *key),
+            sop_instance_uid=derived_uid("sr", *key),
+            series_number=_KIND_SERIES_NUMBER["SR"],
+            supersedes=previous("SR"),
+            content_datetime=when,
+        )
+        objects.append(("SR", sr))
+    encode_s = time.perf_counter() - t0
+    metrics.STAGE_SECONDS.labels("encode").observe(encode_s)
+    for kind, ds in objects:
+        path = (
+            f"results/{study.study_key}/{kind.lower()}-v{result.study_version}-"
+            f"{result.model_name}-{result.model_version}.dcm"
+        )
+        ctx.files.write(path, _encode(ds))
+        prev = previous(kind)
+        for dest in dests:
+            item, _ = ctx.outbox.add(
+                study_id=result.study_id,
+                result_id=result.id,
+                study_version=result.study_version,
+                model_name=result.model_name,
+                model_version=result.model_version,
+                kind=kind,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                path=path,
+                destination=dest,
+                supersedes=prev.sop_instance_uid if prev else None,
+                timings={},
+            )
+            if item.status == "pending" and item.attempts == 0:
+                # dedup: a rerun of this task (after a crash) does not send twice
+                ctx.queue.enqueue(
+                    "send_result", {"outbox_id": item.id}, dedup_key=f"send:{item.id}:first"
+                )
+    ctx.index.update_info(
+        result.study_id,
+        results={
+            "version": result.study_version,
+            "model": result.model_name,
+            "objects": [k for k, _ in objects],
+            "encode_s": round(encode_s, 3),
+        },
+    )
+
+
+def _resolve(
+    ctx: TaskContext, destination: str, study_id: int
+) -> tuple[str, str, int, bool] | None:
+    """(AE title, host, port, storage commitment) of a destination, or None when it has
+    no address."""
+    if destination == "caller":
+        study = ctx.index.study(study_id)
+        found = ctx.settings.peer_by_ae(study.calling_ae if study else None)
+        if found is None:
+            return None
+        peer = found[1]
+    else:
+        peer = ctx.settings.peers[destination]
+    if peer.host is None or peer.port is None:
+        return None
+    return peer.ae_title, peer.host, peer.port, peer.storage_commitment
+
+
+def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
+    """The outbox object, re-identified in memory (audited vault read).
+
+    Raises
+    ------
+    ReidentificationError
+        The guard found a pseudonym or marker left, or a reference has no vault entry.
+    """
+    assert ctx.outbox is not None and ctx.vault is not None
+    item = ctx.outbox.get(item_id)
+    assert item is not None
+    study = ctx.index.study(item.study_id)
+    assert study is not None
+    ds = dcmread(io.BytesIO(ctx.files.read(item.path)))
+    own = ctx.outbox.own_uids(item.study_id)
+    with ctx.vault.reader("reidentify", f"result:{item.kind}", study.study_key) as r:
+        identity = r.identity(study.study_key)
+        if identity is None:
+            raise ReidentificationError(f"no vault identity for study {study.study_key}")
+        out = reidentify(
+            ds,
+            lambda u: u if u in own else r.original_uid(u),
+            identity,
+            is_pseudonym=r.is_pseudonym,
+        )
+    audit(
+        "reidentified",
+        user="reidentify",
+        study_key=study.study_key,
+        patient_key=study.patient_key,
+        sop_class_uid=item.sop_class_uid,
+        outbox_id=item.id,
+        kind=item.kind,
+    )
+    return out
+
+
+def send_result(ctx: TaskContext, outbox_id: int) -> None:
+    """Deliver one outbox item; on failure, schedule the next attempt or dead-letter it.
+
+    Never raises for a delivery failure: the outbox row is the delivery state, and
+    the retry is a new delayed job (``results.retry_base_s`` doubling, capped at
+    ``results.retry_max_s``, ``results.max_attempts`` attempts).
+    """
+    assert ctx.outbox is not None
+    item = ctx.outbox.claim_send(outbox_id)
+    if item is None:
+        return
+    address = _resolve(ctx, item.destination, item.study_id)
+    if address is None:
+        ctx.outbox.update(
+            item.id,
+            status="unroutable",
+            last_error=f"{item.destination}: no host and port configured",
+        )
+        metrics.SEND_FAILURES.labels(item.destination, "unroutable").inc()
+        log.warning("outbox %d: %s has no address; not sent", item.id, item.destination)
+        return
+    ae_title, host, port, commitment = address
+    rs = ctx.settings.results
+    attempts = item.attempts + 1
+    metrics.SEND_ATTEMPTS.labels(item.destination).inc()
+    try:
+        t0 = time.perf_counter()
+        ds = reidentified(ctx, item.id)
+        t1 = time.perf_counter()
+        [status] = send_datasets(
+            [ds],
+            host,
+            port,
+            calling_ae=ctx.settings.ae_title,
+            called_ae=ae_title,
+            timeout_s=rs.timeout_s,
+        )
+        t2 = time.perf_counter()
+        if status not in (0x0000, 0xB000, 0xB006, 0xB007):
+            raise SendError(f"{ae_title} answered C-STORE status 0x{status:04X}")
+    except ReidentificationError as exc:
+        # Fail closed: never send, never retry on its own; an operator looks at it.
+        ctx.outbox.update(item.id, status="dead", attempts=attempts, last_error=str(exc))
+        log.error("outbox %d refused by the re-identification guard: %s", item.id, exc)
+        metrics.SEND_FAILURES.labels(item.destination, "dead").inc()
+        audit(
+            "reidentified",
+            user="reidentify",
+            outcome=8,
+            outcome_description=str(exc),
+            sop_class_uid=item.sop_class_uid,
+            outbox_id=item.id,
+            kind=item.kind,
+        )
+        return
+    except NodeError as exc:
+        delay = min(rs.retry_max_s, rs.retry_base_s * 2 ** (attempts - 1))
+        dead = attempts >= rs.max_attempts
+        metrics.SEND_FAILURES.labels(item.destination, "dead" if dead else "retry").inc()
+        _audit_send(ctx, item, ae_title, host, attempts, error=str(exc))
+        if dead:
+            ctx.outbox.update(
+                item.id, status="dead", attempts=attempts, last_error=str(exc), next_attempt_at=None
+            )
+            log.error("outbox %d dead after %d attempts: %s", item.id, attempts, exc)
+            return
+        ctx.outbox.update(
+            item.id, attempts=attempts, last_error=str(exc), next_attempt_at=time.time() + delay
+        )
+        ctx.queue.enqueue("send_result", {"outbox_id": item.id}, delay_s=delay)
+        log.warning(
+            "outbox %d attempt %d failed (%s); next in %.0f s", item.id, attempts, exc, delay
+        )
+        return
+    if commitment:
+        # One transaction per item and attempt, recorded before the request: the report
+        # can arrive (on another association) before the N-ACTION response does.
+        transaction = derived_uid("commitment", item.sop_instance_uid, item.destination, attempts)
+        ctx.outbox.update(item.id, commitment_uid=transaction)
+        try:
+            request_commitment(
+                transaction,
+                [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))],
+                host,
+                port,
+                calling_ae=ctx.settings.ae_title,
+                called_ae=ae_title,
+                timeout_s=rs.timeout_s,
+            )
+        except NodeError as exc:  # stored but not committed: still sent, say why
+            log.warning("outbox %d: storage commitment request failed: %s", item.id, exc)
+    # Conditional: a commitment report may already have confirmed the item.
+    ctx.outbox.mark_sent(
+        item.id,
+        attempts=attempts,
+        timings={"reidentify_s": round(t1 - t0, 4), "send_s": round(t2 - t1, 4)},
+    )
+    metrics.STAGE_SECONDS.labels("reidentify").observe(t1 - t0)
+    metrics.STAGE_SECONDS.labels("send").observe(t2 - t1)
+    _audit_send(ctx, item, ae_title, host, attempts)
+    log.info("outbox %d: %s sent to %s", item.id, item.kind, item.destination)
+
+
+def _audit_send(
+    ctx: TaskContext, item: Any, ae_title: str, host: str, attempts: int, error: str | None = None
+) -> None:
+    study = ctx.index.study(item.study_id)
+    audit(
+        "result_sent",
+        user=ctx.settings.ae_title,
+        ae_title=ctx.settings.ae_title,
+        peer_name=item.destination,
+        peer_ae=ae_title,
+        peer_address=host,
+        study_key=study.study_key if study else None,
+        sop_class_uid=item.sop_class_uid,
+        outcome=0 if error is None else 4,
+        outcome_description=error,
+        outbox_id=item.id,
+        kind=item.kind,
+        attempt=attempts,
+    )
