@@ -34,6 +34,13 @@ from peers import (  # noqa: E402
 from dicomnode.dicom.phantom import make_ct_study  # noqa: E402
 
 N = 300
+# The node as shipped, and two variants that show what a choice costs or gains:
+# without fsync (durability) and with pynetdicom's own acceptor loop (scp/reactor.py).
+NODE_VARIANTS: dict[str, dict] = {
+    "dicomnode": {},
+    "dicomnode-nofsync": {"storage": {"fsync": False}},
+    "dicomnode-stockloop": {"scp": {"event_reactor": False}},
+}
 
 
 def count_received(name: str, receiver) -> int:  # noqa: ANN001
@@ -47,7 +54,7 @@ def count_received(name: str, receiver) -> int:  # noqa: ANN001
 def run(files: list[Path], reps: int, ks: list[int], work: Path) -> list[dict]:
     results = []
     for k in ks:
-        for name in ("storescp", "orthanc", "dicomnode", "dicomnode-nofsync"):
+        for name in ("storescp", "orthanc", *NODE_VARIANTS):
             times = []
             for rep in range(reps):
                 d = fresh_dir(work / f"{name}-k{k}-{rep}")
@@ -56,9 +63,8 @@ def run(files: list[Path], reps: int, ks: list[int], work: Path) -> list[dict]:
                 elif name == "orthanc":
                     r = start_orthanc(d)
                 else:
-                    # nofsync: the same node without fsync, to show what durability costs
                     r = start_dicomnode(d, {"completion": {"quiet_period_s": 600.0},
-                                            "storage": {"fsync": name == "dicomnode"}})
+                                            **NODE_VARIANTS[name]})
                 try:
                     times.append(send(r.port, files, associations=k, aec=r.ae_title))
                     got = count_received(name, r)
@@ -67,8 +73,9 @@ def run(files: list[Path], reps: int, ks: list[int], work: Path) -> list[dict]:
                 finally:
                     r.stop()
             med = statistics.median(times)
-            results.append({"receiver": name, "associations": k, "times": times, "median_s": med,
-                            "min_s": min(times), "max_s": max(times), "inst_per_s": len(files) / med})
+            results.append({"receiver": name, "associations": k, "times": times,
+                            "median_s": med, "min_s": min(times), "max_s": max(times),
+                            "inst_per_s": len(files) / med})
             print(f"{name:10s} K={k}: {med:.3f} s ({min(times):.3f}-{max(times):.3f}), "
                   f"{len(files) / med:.0f} inst/s", flush=True)
     return results

@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sqlalchemy import create_engine, text  # noqa: E402
-
 from nodeutil import NodeProcess, free_port, storescu, wait_for, write_study  # noqa: E402
 from peers import machine, start_orthanc  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
 
 from dicomnode.dicom.phantom import make_ct_study  # noqa: E402
 
