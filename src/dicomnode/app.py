@@ -428,7 +428,8 @@ def create_node(
     deidentifier = Deidentifier(pseudonymizer, deid_options(d))
     engine, sessions = open_database(settings, upgrade=True)
     vault = Vault(engine, vault_key(d, data_dir))
-    files = FileStore(data_dir, fsync=settings.storage.fsync)
+    files = FileStore(data_dir, fsync=settings.storage.fsync,
+                      spares=settings.storage.spare_files)
     index = StudyIndex(sessions)
     j = settings.jobs
     registry = TaskRegistry(RetryPolicy(j.max_attempts, j.retry_base_s, j.retry_max_s))

@@ -178,6 +178,8 @@ class StorageSettings(_Section):
 
     fsync: bool = True
     """fsync every received object (and its directory) before answering success."""
+    spare_files: int = Field(4, ge=0, le=64)
+    """Empty temporary files kept ready so that a write need not create one (0: off)."""
 
 
 class PrivateKeepRule(_Section):

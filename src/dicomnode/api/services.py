@@ -77,7 +77,8 @@ class ApiServices:
         to the embedded job table, run by the node that owns the workers.
         """
         data_dir = settings.data_dir.resolve()
-        files = FileStore(data_dir, fsync=settings.storage.fsync)
+        files = FileStore(data_dir, fsync=settings.storage.fsync,
+                      spares=settings.storage.spare_files)
         if enqueue is None:
             tasks = TaskRegistry()
             # Only the name and queue matter to an enqueue-only queue.
