@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.api.schemas import (
     CheckOut,
@@ -438,12 +438,13 @@ _OUR_STATUS = {"todo": ["todo"], "running": ["doing"], "done": ["succeeded"],
 
 
 def _procrastinate(svc: ApiServices) -> bool:
-    """Jobs live in procrastinate's tables in the node's database (scale-out backend).
+    """Jobs live in procrastinate's tables (scale-out backend), not in ``job``."""
+    return svc.settings.jobs.backend == "procrastinate"
 
-    When the queue is in another database (``jobs.url``), the API shows no jobs.
-    """
-    s = svc.settings
-    return s.jobs.backend == "procrastinate" and (s.jobs.url in (None, s.database_url))
+
+def _queue_db(svc: ApiServices) -> sessionmaker[Session]:
+    """Sessions on the database that holds procrastinate's tables (``jobs.url``)."""
+    return svc.queue_sessions or svc.sessions
 
 
 def _procrastinate_jobs(svc: ApiServices, status: str | None, queue: str | None,
@@ -465,7 +466,7 @@ def _procrastinate_jobs(svc: ApiServices, status: str | None, queue: str | None,
         " FROM procrastinate_jobs j LEFT JOIN dicomnode_job_error e ON e.job_id = j.id"
         f" WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT :limit"
     )
-    with svc.sessions() as s:
+    with _queue_db(svc)() as s:
         rows = s.execute(sql, params).all()
     return JobList(items=[JobOut(
         id=r[0], task=r[1], queue=r[2], status=_PROCRASTINATE_STATUS.get(r[3], r[3]),
@@ -500,7 +501,7 @@ def queue_depths(svc: ApiServices) -> dict[str, dict[str, int]]:
     now = time.time()
     out: dict[str, dict[str, int]] = {}
     if _procrastinate(svc):
-        with svc.sessions() as s:
+        with _queue_db(svc)() as s:
             for queue, status, n in s.execute(text(
                     "SELECT queue_name, status::text, count(*) FROM procrastinate_jobs"
                     " GROUP BY queue_name, status")).all():

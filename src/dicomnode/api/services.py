@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import NodeSettings
 from dicomnode.jobs.base import RetryPolicy, TaskRegistry
 from dicomnode.jobs.local import LocalQueue
+from dicomnode.storage.db import create_db_engine, session_factory
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
@@ -49,6 +50,9 @@ class ApiServices:
     labels: LabelStore
     enqueue: Enqueue
     """Where ``send_result`` jobs go when an operator retries an outbox item."""
+    queue_sessions: sessionmaker[Session] | None = None
+    """Sessions on procrastinate's database when ``jobs.url`` is another database than
+    the node's; None: the queue's tables (if any) are in ``sessions``'."""
 
     @classmethod
     def from_context(cls, ctx: TaskContext, sessions: sessionmaker[Session]) -> ApiServices:
@@ -66,7 +70,7 @@ class ApiServices:
         return cls(settings=ctx.settings, sessions=sessions, files=ctx.files, index=ctx.index,
                    outbox=ctx.outbox, registry=ctx.registry,  # type: ignore[arg-type]
                    results=ctx.results, labels=ctx.labels,  # type: ignore[arg-type]
-                   enqueue=ctx.queue.enqueue)
+                   enqueue=ctx.queue.enqueue, queue_sessions=_queue_sessions(ctx.settings))
 
     @classmethod
     def over(cls, settings: NodeSettings, sessions: sessionmaker[Session],
@@ -89,4 +93,13 @@ class ApiServices:
                    index=StudyIndex(sessions), outbox=Outbox(sessions),
                    registry=ModelRegistry(sessions, data_dir),
                    results=ResultStore(sessions, files), labels=LabelStore(sessions, files),
-                   enqueue=enqueue)
+                   enqueue=enqueue, queue_sessions=_queue_sessions(settings))
+
+
+def _queue_sessions(settings: NodeSettings) -> sessionmaker[Session] | None:
+    """Sessions on the procrastinate queue's own database, when it has one."""
+    jobs = settings.jobs
+    if jobs.backend != "procrastinate" or jobs.url in (None, settings.database_url):
+        return None
+    assert jobs.url is not None
+    return session_factory(create_db_engine(jobs.url))
