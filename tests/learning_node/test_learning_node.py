@@ -19,7 +19,7 @@ from dicomnode.training.data import phantom_cases
 from dicomnode.training.demo import DEMO_CONTRACT, DEMO_LABEL
 from dicomnode.training.evaluate import evaluate
 from dicomnode.training.train import TrainConfig, train_package
-from nodeutil import NodeProcess, storescu, wait_for
+from nodeutil import NodeProcess, storescu, wait_for, write_study
 
 NAME = "lesion-site"
 SPEC = {"n_slices": 16, "rows": 64, "columns": 64}
@@ -180,3 +180,68 @@ def test_two_annotators_who_disagree_flag_the_study(tmp_path: Path) -> None:
         [labels] = flagged
         assert labels["flagged"] is True and labels["agreement"] < 0.7
         assert rows(node, "select count(*) from ground_truth")[0][0] == 2
+
+
+def test_export_to_annotate_and_the_correction_comes_back(tmp_path: Path) -> None:
+    """The node's SEG goes to the radiologist's workstation as a pre-annotation, marked as
+    made by an algorithm; the corrected SEG sent back from there becomes the label and
+    scores the prediction (drift)."""
+    from pydicom import dcmread
+
+    from dicomnode.dicom.seg import read_seg
+    from peers import start_storescp
+
+    ws = start_storescp(tmp_path / "ws")  # the annotation workstation
+    node = NodeProcess(tmp_path / "node", {
+        "peers": {"ws": {"ae_title": "RAD_WS1", "host": "127.0.0.1", "port": ws.port}},
+        "results": {"destinations": ["ws"], "sr": False},
+        "learning": {"annotation_aes": ["RAD_WS1"], "enabled": False},
+    })
+    study = make_ct_study(seed=5301, patient_id="PAT-ANNOTATE", patient_name="Annot^Ann")
+    files = write_study(study, tmp_path / "src")
+    try:
+        with node:
+            assert storescu(node.port, files).returncode == 0
+            [pre] = wait_for(lambda: [f for f in (ws.workdir / "out").iterdir()
+                                      if f.is_file()], 120)
+            seg = dcmread(pre)
+            # on the original study, marked as a machine's work
+            assert seg.Modality == "SEG" and seg.PatientID == "PAT-ANNOTATE"
+            assert seg.StudyInstanceUID == study.study_instance_uid
+            assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}
+            assert all(s.SegmentAlgorithmName for s in seg.SegmentSequence)
+            source_uids = [str(ds.SOPInstanceUID) for ds in study.datasets]
+            predicted, _ = read_seg(seg, source_uids)
+            assert predicted.shape[0] == len(source_uids)
+
+            # the radiologist corrects it (here: to the phantom's truth) and sends it back
+            corrected = build_seg(
+                study.datasets, study.mask,
+                [SegmentSpec(1, "Lesion", ("SCT", "49755003",
+                                           "Morphologically abnormal structure"),
+                             ("SCT", "108369006", "Neoplasm"),
+                             algorithm_type="SEMIAUTOMATIC")],
+                AlgorithmSpec("manual correction", "1"),
+                device=DeviceSpec("Viewer Inc", "Workstation", "1.0", "WS-1"),
+                series_instance_uid="2.25.530101", sop_instance_uid="2.25.530102",
+                series_number=98,
+            )
+            corrected.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+            res = storescu(node.port, [tmp_path / "corrected.dcm"], "-R", aet="RAD_WS1")
+            assert res.returncode == 0, res.stderr
+            wait_for(lambda: rows(node, "select count(*) from drift")[0][0] == 1, 60)
+            [(annotator,)] = rows(node, "select annotator from ground_truth")
+            assert annotator == "RAD_WS1"
+            [(version, dice)] = rows(node, "select model_version, dice from drift")
+            assert version == "1.0.0"
+            # the drift score is the Dice of the prediction the workstation got
+            truth = study.mask.astype(bool)
+            pred = np.asarray(predicted).astype(bool)
+            if pred.ndim == 4:
+                pred = pred[..., 0]
+            expected = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+            assert expected > 0.5  # a useful pre-annotation, not an empty one
+            [value] = json.loads(dice).values()
+            assert abs(value - expected) < 0.02
+    finally:
+        ws.stop()
