@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nodeutil import write_study
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from dicomnode.dicom.phantom import make_ct_study
-from nodeutil import write_study
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -111,7 +111,8 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        nested = isinstance(v, Mapping) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if nested else v
     return out
 
 
@@ -222,7 +223,8 @@ def storescu(port: int, files: Iterable[Path], *args: str, aet: str = "STORESCU"
     )
 
 
-def echoscu(port: int, *args: str, aet: str = "ECHOSCU", aec: str = "DICOMNODE") -> subprocess.CompletedProcess[str]:
+def echoscu(port: int, *args: str, aet: str = "ECHOSCU",
+            aec: str = "DICOMNODE") -> subprocess.CompletedProcess[str]:
     """dcmtk echoscu to 127.0.0.1:port."""
     return subprocess.run(
         [ECHOSCU, "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port)],
@@ -241,7 +243,7 @@ def make_pki(directory: Path) -> dict[str, Path]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

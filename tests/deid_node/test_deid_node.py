@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nodeutil import NodeProcess, storescu, wait_for, write_study
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from dicomnode.dicom.phantom import make_ct_study
-from nodeutil import NodeProcess, storescu, wait_for, write_study
 
 MARKERS = {
     "patient_name": "Phimarkfamily^Phimarkgiven",

@@ -8,11 +8,11 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+from nodeutil import NodeProcess, storescu, wait_for, write_study
 from pydicom.uid import MRImageStorage
 
 from dicomnode.dicom.phantom import make_ct_study
 from dicomnode.dicom.pseudonym import Pseudonymizer
-from nodeutil import NodeProcess, storescu, wait_for, write_study
 
 
 def rows(node: NodeProcess, sql: str) -> list[tuple]:

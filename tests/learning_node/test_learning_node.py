@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nodeutil import NodeProcess, storescu, wait_for, write_study
 
 from dicomnode.dicom.findings import AlgorithmSpec, DeviceSpec
 from dicomnode.dicom.phantom import make_ct_study
@@ -19,7 +20,6 @@ from dicomnode.training.data import phantom_cases
 from dicomnode.training.demo import DEMO_CONTRACT, DEMO_LABEL
 from dicomnode.training.evaluate import evaluate
 from dicomnode.training.train import TrainConfig, train_package
-from nodeutil import NodeProcess, storescu, wait_for, write_study
 
 NAME = "lesion-site"
 SPEC = {"n_slices": 16, "rows": 64, "columns": 64}
@@ -105,7 +105,7 @@ def test_corrected_segs_retrain_promote_and_rollback(weak_model: Path, tmp_path:
         assert models[version]["card"]["studies"]["test"] >= 3
         # never two runs at once: runs are sequential
         spans = rows(node, "select started_at, finished_at from training_run order by id")
-        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]) if a[1] is not None)
+        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:], strict=False) if a[1] is not None)
         # the issue's key figure: better by >= 0.2 Dice on held-out phantoms
         held = phantom_cases(range(9900, 9906), **SPEC)
         old = evaluate(held, OnnxModel.load(node.data_dir / "models" / NAME / "1").predict_mask)
@@ -186,10 +186,10 @@ def test_export_to_annotate_and_the_correction_comes_back(tmp_path: Path) -> Non
     """The node's SEG goes to the radiologist's workstation as a pre-annotation, marked as
     made by an algorithm; the corrected SEG sent back from there becomes the label and
     scores the prediction (drift)."""
+    from peers import start_storescp
     from pydicom import dcmread
 
     from dicomnode.dicom.seg import read_seg
-    from peers import start_storescp
 
     ws = start_storescp(tmp_path / "ws")  # the annotation workstation
     node = NodeProcess(tmp_path / "node", {

@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from nodeutil import NodeProcess, free_port, wait_port
 
 TOKEN = "serve-test-token-0123456789"

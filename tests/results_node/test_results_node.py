@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nodeutil import NodeProcess, free_port, storescu, to_toml, wait_for, write_study
+from peers import Receiver, orthanc_get, start_orthanc
 from pydicom import dcmread
 
 from dicomnode.dicom.phantom import make_ct_study
 from dicomnode.dicom.pseudonym import Pseudonymizer
 from dicomnode.dicom.seg import read_seg
-from nodeutil import NodeProcess, free_port, storescu, to_toml, wait_for, write_study
-from peers import Receiver, orthanc_get, start_orthanc
 
 DCIODVFY = str(Path(__import__("sys").executable).with_name("dciodvfy"))
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodeutil import NodeProcess, free_port, storescu, wait_for, write_study
+from peers import Receiver, orthanc_get, start_orthanc
 from sqlalchemy import create_engine, text
 
 from dicomnode.api import queries
@@ -15,8 +17,6 @@ from dicomnode.api.services import ApiServices
 from dicomnode.app import open_database
 from dicomnode.config import load_settings
 from dicomnode.dicom.phantom import make_ct_study
-from nodeutil import NodeProcess, free_port, storescu, wait_for, write_study
-from peers import Receiver, orthanc_get, start_orthanc
 
 QUEUES = "default,ingest,cpu,gpu,send,train"
 

@@ -127,8 +127,11 @@ def test_completion_and_job_are_one_transaction(index: StudyIndex) -> None:
     index.record_instance(rec(), quiet_period_s=1, max_wait_s=3600, now=0)
     # Two completion loops racing (two threads, as two processes would)
     results: list[list[tuple[int, int, str]]] = []
-    threads = [threading.Thread(target=lambda: results.append(index.complete_due([], on_complete, now=5)))
-               for _ in range(4)]
+
+    def race() -> None:
+        results.append(index.complete_due([], on_complete, now=5))
+
+    threads = [threading.Thread(target=race) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:

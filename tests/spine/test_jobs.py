@@ -10,8 +10,7 @@ from sqlalchemy import select, update
 
 from dicomnode.errors import SendError
 from dicomnode.jobs.base import RetryPolicy, TaskRegistry, backoff_delay
-from dicomnode.jobs.local import describe_error
-from dicomnode.jobs.local import LocalQueue
+from dicomnode.jobs.local import LocalQueue, describe_error
 from dicomnode.storage.db import create_db_engine, migrate, session_factory
 from dicomnode.storage.models import Job, JobStatus
 
@@ -24,7 +23,10 @@ def sessions(db_url: str):
     engine.dispose()
 
 
-def make_queue(sessions, tasks, workers=None, retry=RetryPolicy(3, 0.05, 0.2)):
+FAST_RETRY = RetryPolicy(3, 0.05, 0.2)
+
+
+def make_queue(sessions, tasks, workers=None, retry=FAST_RETRY):
     reg = TaskRegistry(retry)
     for name, fn in tasks.items():
         reg.register(name, fn, queue="q")
@@ -140,7 +142,7 @@ def test_many_workers_never_run_a_job_twice(sessions) -> None:
         assert q.wait_idle(30)
     finally:
         q.stop()
-    assert counts == {n: 1 for n in range(60)}
+    assert counts == dict.fromkeys(range(60), 1)
 
 
 def test_backoff_is_capped() -> None:

@@ -11,10 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
-from dicomnode.dicom.phantom import make_ct_study
-from dicomnode.dicom.pseudonym import Pseudonymizer
 from nodeutil import (
     DCMTK_ENV,
     STORESCU,
@@ -25,6 +21,10 @@ from nodeutil import (
     wait_for,
     write_study,
 )
+from pydicom import dcmread
+
+from dicomnode.dicom.phantom import make_ct_study
+from dicomnode.dicom.pseudonym import Pseudonymizer
 
 
 def db_rows(node: NodeProcess, sql: str) -> list[tuple]:

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from nodeutil import wait_for
 
 from dicomnode.errors import StorageError
 from dicomnode.storage.spool import FileStore
-from nodeutil import wait_for
 
 
 def part_files(store: FileStore) -> list[Path]:

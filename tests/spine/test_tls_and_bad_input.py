@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from nodeutil import NodeProcess, echoscu, free_port, make_pki, storescu, wait_for
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
-
-from nodeutil import NodeProcess, echoscu, free_port, make_pki, storescu, wait_for
 
 
 def test_tls_association_with_dcmtk(tmp_path: Path, ct50_files: list[Path]) -> None:
