@@ -1,4 +1,4 @@
-"""Dependencies run one way (import-linter contracts in pyproject.toml)."""
+"""Dependencies run one way (import-linter contracts in pyproject.toml); ruff is clean."""
 
 from __future__ import annotations
 
@@ -15,3 +15,10 @@ def test_import_contracts_are_kept() -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "BROKEN" not in res.stdout and "KEPT" in res.stdout
+
+
+def test_ruff_is_clean() -> None:
+    ruff = Path(sys.executable).with_name("ruff")
+    res = subprocess.run([str(ruff), "check", "src", "tests", "bench"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
