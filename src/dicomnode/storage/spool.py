@@ -79,6 +79,7 @@ class FileStore:
         self._spare_thread: threading.Thread | None = None
         self._closed = False
         self._start_lock = threading.Lock()
+        self._pid = os.getpid()
 
     def clean_tmp(self) -> int:
         """Delete partial writes of dead processes of this host; return how many files.
@@ -188,7 +189,8 @@ class FileStore:
 
     def _take_spare(self) -> tuple[int, Path]:
         """An open, empty temporary file: a spare if one is ready, else a new one."""
-        if self._spare_count <= 0:
+        if self._spare_count <= 0 or os.getpid() != self._pid:
+            # (a forked child must not write into its parent's open spares)
             return self._create_tmp()
         if self._spare_thread is None:
             self._start_spares()
