@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -48,6 +49,34 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=str(tls.ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+class _SharedContext(PresentationContext):
+    """A supported presentation context whose deep copy shares its (immutable) UIDs.
+
+    pynetdicom deep-copies the server's supported contexts for every association
+    (``RequestHandler._create_association``). Ours are every storage SOP class with every
+    transfer syntax: 7,650 UIDs, each re-validated by pydicom's ``UID()`` on copy, 36 ms
+    of CPU per association. A modality that opens one association per image would pay
+    that per image. UIDs are immutable ``str``; the transfer syntax list is the only
+    mutable part, so copying it alone gives what a deep copy gives.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContext:
+        new = _SharedContext.__new__(_SharedContext)
+        new.__dict__.update(self.__dict__)
+        new._transfer_syntax = list(self._transfer_syntax)
+        return new
+
+
+def _shared(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    out: list[PresentationContext] = []
+    for cx in contexts:
+        shared = _SharedContext()
+        shared.__dict__.update(cx.__dict__)
+        shared._transfer_syntax = list(cx._transfer_syntax)
+        out.append(shared)
+    return out
 
 
 def _on_connection(event: evt.Event, poll_interval_s: float, event_reactor: bool) -> None:
@@ -109,6 +138,7 @@ class StorageServer:
         # opens, where it plays the SCP role of the SOP class (PS3.4 J.3.3).
         ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         self.ae = ae
+        self.contexts = _shared(ae.supported_contexts)
         self._handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [ingestor]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -145,6 +175,7 @@ class StorageServer:
             block=False,
             ssl_context=ssl_context,
             evt_handlers=self._handlers,
+            contexts=self.contexts,
         )
         assert server is not None
         self._servers.append(server)
