@@ -29,13 +29,9 @@ import numpy as np
 from dicomnode.errors import ModelError, ModelLoadError
 from dicomnode.inference.postprocess import Finding, activate, assign_labels, find_components
 from dicomnode.inference.preprocess import prepare
+from dicomnode.storage.modelgraph import GraphSignature, check_against_graph
 from dicomnode.storage.modelgrid import from_model_grid
-from dicomnode.storage.modelpkg import (
-    GraphSignature,
-    ModelPackage,
-    check_against_graph,
-    read_model_package,
-)
+from dicomnode.storage.modelpkg import ModelPackage, read_model_package
 
 __all__ = [
     "InferenceOutput",

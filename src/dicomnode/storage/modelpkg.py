@@ -51,15 +51,14 @@ in-plane resampling, pad/crop) as pure numpy functions, because training must
 prepare slices exactly as the runtime does and ``dicomnode.training`` may not
 import ``dicomnode.inference``: both import this module.
 
-Checking against the graph uses onnxruntime when installed (the serving
-extras), else the ``onnx`` package (the train extra); neither is imported at
-module import time.
+The graph side (reading an ONNX graph's signature and checking it against
+``model.toml``) is :mod:`dicomnode.storage.modelgraph`; writing packages is
+:mod:`dicomnode.storage.modelwrite`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import tarfile
@@ -72,24 +71,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dicomnode.errors import ModelError, ModelLoadError
+from dicomnode.errors import ModelLoadError
 
 __all__ = [
     "FORMAT_VERSION",
     "Code",
-    "GraphSignature",
     "InputContract",
     "Label",
     "ModelPackage",
     "Normalization",
     "OutputContract",
-    "TensorInfo",
-    "check_against_graph",
     "load_model_package",
-    "read_graph_signature",
     "read_model_package",
     "sha256_of",
-    "write_model_package",
 ]
 
 FORMAT_VERSION = 1
@@ -621,195 +615,6 @@ def read_model_package(path: Path | str) -> ModelPackage:
     return ModelPackage(source=path, onnx_member=onnx_member, **fields)
 
 
-# --------------------------------------------------------------------------- the graph
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A graph input or output: name, shape (int = static, str/None = dynamic), element type."""
-
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: str
-    """numpy-style name: ``float32``, ``int64``, ..."""
-
-
-@dataclass(frozen=True)
-class GraphSignature:
-    """The inputs and outputs of an ONNX graph (initializers excluded)."""
-
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-
-    @classmethod
-    def from_session(cls, session: Any) -> GraphSignature:
-        """From an ``onnxruntime.InferenceSession``."""
-
-        def info(arg: Any) -> TensorInfo:
-            dtype = str(arg.type).removeprefix("tensor(").removesuffix(")")
-            dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(
-                dtype, dtype
-            )
-            return TensorInfo(arg.name, tuple(arg.shape or ()), dtype)
-
-        return cls(
-            tuple(info(a) for a in session.get_inputs()),
-            tuple(info(a) for a in session.get_outputs()),
-        )
-
-
-def read_graph_signature(model: bytes | Path) -> GraphSignature:
-    """Read the graph's inputs and outputs with onnxruntime, or with ``onnx`` if that is missing.
-
-    Raises
-    ------
-    ModelLoadError
-        The bytes are not a loadable ONNX model.
-    ModelError
-        Neither onnxruntime nor onnx is installed.
-    """
-    data = model if isinstance(model, bytes) else Path(model).read_bytes()
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        ort = None
-    if ort is not None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(
-                data, sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own untyped exceptions here
-            raise ModelLoadError(f"model.onnx: onnxruntime cannot load it: {exc}") from exc
-        return GraphSignature.from_session(session)
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ModelError(
-            "neither onnxruntime nor onnx is installed; install dicomnode[cpu]"
-        ) from exc
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelLoadError(f"model.onnx: not an ONNX model: {exc}") from exc
-    inits = {i.name for i in proto.graph.initializer}
-
-    def info(vi: Any) -> TensorInfo:
-        tt = vi.type.tensor_type
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-        )
-        return TensorInfo(vi.name, dims, str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-
-    return GraphSignature(
-        tuple(info(v) for v in proto.graph.input if v.name not in inits),
-        tuple(info(v) for v in proto.graph.output),
-    )
-
-
-def check_against_graph(pkg: ModelPackage, graph: GraphSignature) -> None:
-    """Check that ``model.toml`` agrees with the graph: names, types, ranks, static dims.
-
-    Dynamic dimensions are accepted wherever a static one would be checked,
-    except the output's channel dimension, which must be static so that the
-    label count can be checked.
-
-    Raises
-    ------
-    ModelLoadError
-        Naming the model.toml field and the graph's actual value, e.g.
-        ``model.toml: outputs.labels: 2 labels declared, graph output "logits" has 3 channels``.
-    """
-
-    def fail(key: str, msg: str) -> ModelLoadError:
-        return ModelLoadError(f"model.toml: {key}: {msg} (package: {pkg.source})")
-
-    inp, out = pkg.input, pkg.outputs
-    if len(graph.inputs) != 1:
-        raise fail(
-            "input.name",
-            f"the graph must have exactly one input, it has "
-            f"{', '.join(repr(i.name) for i in graph.inputs) or 'none'}",
-        )
-    g_in = graph.inputs[0]
-    if g_in.name != inp.name:
-        raise fail("input.name", f'declared "{inp.name}", the graph input is "{g_in.name}"')
-    if g_in.dtype != "float32":
-        raise fail("input.name", f'graph input "{g_in.name}" is {g_in.dtype}, expected float32')
-    if len(g_in.shape) != len(inp.layout):
-        raise fail(
-            "input.layout",
-            f"{inp.layout} needs rank {len(inp.layout)}, graph input "
-            f'"{g_in.name}" has rank {len(g_in.shape)} {_shape(g_in.shape)}',
-        )
-    n, c, h, w = g_in.shape
-    if isinstance(n, int) and n != inp.batch_size:
-        raise fail(
-            "input.batch_size",
-            f'declared {inp.batch_size}, graph input "{g_in.name}" has a static batch of {n}',
-        )
-    if isinstance(c, int) and c != 1:
-        raise fail("input.layout", f'NCHW with C = 1, graph input "{g_in.name}" has {c} channels')
-    if inp.size is None:
-        if isinstance(h, int) or isinstance(w, int):
-            raise fail(
-                "input.size",
-                f'"any" declared, graph input "{g_in.name}" has static H x W '
-                f"{_shape(g_in.shape)}; declare size = [H, W]",
-            )
-    else:
-        for axis, dim, want in (("H", h, inp.size[0]), ("W", w, inp.size[1])):
-            if isinstance(dim, int) and dim != want:
-                raise fail(
-                    "input.size",
-                    f'declared {list(inp.size)}, graph input "{g_in.name}" has '
-                    f"{axis} = {dim} {_shape(g_in.shape)}",
-                )
-    names = [o.name for o in graph.outputs]
-    if out.name not in names:
-        raise fail(
-            "outputs.name",
-            f'declared "{out.name}", the graph outputs are {", ".join(repr(x) for x in names)}',
-        )
-    g_out = graph.outputs[names.index(out.name)]
-    if g_out.dtype != "float32":
-        raise fail(
-            "outputs.name", f'graph output "{g_out.name}" is {g_out.dtype}, expected float32'
-        )
-    rank = 4 if pkg.task == "segmentation" else 2
-    if len(g_out.shape) != rank:
-        raise fail(
-            "task",
-            f'{pkg.task} needs an output of rank {rank}, graph output "{g_out.name}" '
-            f"has rank {len(g_out.shape)} {_shape(g_out.shape)}",
-        )
-    channels = g_out.shape[1]
-    if not isinstance(channels, int):
-        raise fail(
-            "outputs.labels",
-            f'graph output "{g_out.name}" has a dynamic channel dimension '
-            f"({channels}); it must be static",
-        )
-    if channels != out.channels:
-        extra = " plus background (softmax)" if out.activation == "softmax" else ""
-        raise fail(
-            "outputs.labels",
-            f"{len(out.labels)} labels{extra} declared, graph output "
-            f'"{g_out.name}" has {channels} channels',
-        )
-    if isinstance(g_out.shape[0], int) and g_out.shape[0] != inp.batch_size:
-        raise fail(
-            "input.batch_size",
-            f'declared {inp.batch_size}, graph output "{g_out.name}" has a '
-            f"static batch of {g_out.shape[0]}",
-        )
-
-
-def _shape(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
 def load_model_package(path: Path | str) -> ModelPackage:
     """Read a package and check it completely: ``model.toml``, checksum and graph.
 
@@ -830,150 +635,9 @@ def load_model_package(path: Path | str) -> ModelPackage:
     ModelError
         Neither onnxruntime nor onnx is installed.
     """
+    # modelgraph imports this module, so it is imported here, when a package is loaded
+    from dicomnode.storage.modelgraph import check_against_graph, read_graph_signature
+
     pkg = read_model_package(path)
     check_against_graph(pkg, read_graph_signature(pkg.read_onnx_bytes()))
     return pkg
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return (
-            repr(value)
-            if math.isfinite(value)
-            else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
-        )
-    if isinstance(value, str):
-        # JSON string escapes are a subset of TOML basic-string escapes.
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return (
-            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-        )
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _code_dict(code: Code) -> dict[str, str]:
-    return {"scheme": code.scheme, "value": code.value, "meaning": code.meaning}
-
-
-def render_model_toml(
-    *,
-    name: str,
-    version: str,
-    task: str,
-    input: InputContract,
-    outputs: OutputContract,
-    sha256: str,
-    description: str = "",
-    provenance: Mapping[str, Any] | None = None,
-) -> str:
-    """``model.toml`` text for these fields (the inverse of :func:`parse_model_toml`)."""
-    norm: dict[str, Any] = {"kind": input.normalization.kind}
-    for key in ("center", "width", "mean", "std"):
-        if getattr(input.normalization, key) is not None:
-            norm[key] = float(getattr(input.normalization, key))
-    lines = [
-        f"format = {FORMAT_VERSION}",
-        f"name = {_toml_value(name)}",
-        f"version = {_toml_value(version)}",
-        f"task = {_toml_value(task)}",
-        f"description = {_toml_value(description)}",
-        f"sha256 = {_toml_value(sha256)}",
-        "",
-        "[input]",
-        f"name = {_toml_value(input.name)}",
-        f"modality = {_toml_value(input.modality)}",
-        f"orientation = {_toml_value(input.orientation)}",
-        f"layout = {_toml_value(input.layout)}",
-        f"spacing_mm = {_toml_value(list(input.spacing_mm) if input.spacing_mm else 'native')}",
-        f"size = {_toml_value(list(input.size) if input.size else 'any')}",
-        f"size_multiple = {input.size_multiple}",
-        f"batch_size = {input.batch_size}",
-    ]
-    if input.pad_value is not None:
-        lines.append(f"pad_value = {_toml_value(float(input.pad_value))}")
-    lines += [
-        f"normalization = {_toml_value(norm)}",
-        "",
-        "[outputs]",
-        f"name = {_toml_value(outputs.name)}",
-        f"kind = {_toml_value(outputs.kind)}",
-        f"activation = {_toml_value(outputs.activation)}",
-        f"min_component_mm3 = {_toml_value(float(outputs.min_component_mm3))}",
-    ]
-    for lb in outputs.labels:
-        lines += [
-            "",
-            "[[outputs.labels]]",
-            f"number = {lb.number}",
-            f"name = {_toml_value(lb.name)}",
-            f"category = {_toml_value(_code_dict(lb.category))}",
-            f"type = {_toml_value(_code_dict(lb.type))}",
-            f"color = {_toml_value(list(lb.color))}",
-            f"threshold = {_toml_value(float(lb.threshold))}",
-        ]
-    if provenance:
-        lines += ["", "[provenance]"]
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in provenance.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_model_package(
-    directory: Path | str,
-    model: bytes,
-    *,
-    name: str,
-    version: str,
-    task: Literal["segmentation", "classification"],
-    input: InputContract,
-    outputs: OutputContract,
-    description: str = "",
-    provenance: Mapping[str, Any] | None = None,
-) -> ModelPackage:
-    """Write ``model.onnx`` and ``model.toml`` (with the checksum) into ``directory``.
-
-    The directory is created if missing; existing ``model.onnx`` / ``model.toml``
-    are replaced (each written to a temporary name, then renamed). The graph is
-    not checked here: call :func:`load_model_package` on the result for that.
-
-    Returns
-    -------
-    ModelPackage
-        The package as read back.
-
-    Raises
-    ------
-    ModelLoadError
-        The fields do not make a valid ``model.toml``.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    text = render_model_toml(
-        name=name,
-        version=version,
-        task=task,
-        input=input,
-        outputs=outputs,
-        sha256=sha256_of(model),
-        description=description,
-        provenance=provenance,
-    )
-    parse_model_toml(text, directory)  # refuse to write what we could not read back
-    for fname, data in (("model.onnx", model), ("model.toml", text.encode("utf-8"))):
-        tmp = directory / f".{fname}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(directory / fname)
-    return read_model_package(directory)

@@ -25,8 +25,8 @@ from dicomnode.storage.modelpkg import (
     ModelPackage,
     OutputContract,
     load_model_package,
-    write_model_package,
 )
+from dicomnode.storage.modelwrite import write_model_package
 from dicomnode.training.unet import UNet2d
 
 __all__ = ["export_onnx", "export_package", "max_abs_difference"]
