@@ -80,6 +80,8 @@ class FileStore:
         self._closed = False
         self._start_lock = threading.Lock()
         self._pid = os.getpid()
+        self._inflight = 0  # writes in progress (several associations write at once)
+        self._inflight_lock = threading.Lock()
 
     def clean_tmp(self) -> int:
         """Delete partial writes of dead processes of this host; return how many files.
@@ -149,6 +151,8 @@ class FileStore:
             chunks = [chunks]
         size = 0
         tmp = self.tmp / "-"
+        with self._inflight_lock:
+            self._inflight += 1
         try:
             fd, tmp = self._take_spare()
             try:
@@ -177,9 +181,13 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {relpath}: {exc.strerror or exc}") from exc
         finally:
-            # Top up only now: a file created during our fsync joins its journal commit
-            # and slows both; created after it, it costs the writer nothing.
-            if self._spare_count > 0:
+            # Top up only when no write is in flight: a file created during an fsync
+            # joins its journal commit and slows both; created between writes (while
+            # the network brings the next object) it costs the writers nothing.
+            with self._inflight_lock:
+                self._inflight -= 1
+                idle = self._inflight == 0
+            if idle and self._spare_count > 0:
                 self._spare_wanted.set()
         return size
 
@@ -210,7 +218,8 @@ class FileStore:
         """Thread: keep ``spares`` empty files ready until :meth:`close`."""
         while not self._closed:
             try:
-                while self._spares.qsize() < self._spare_count and not self._closed:
+                while (self._spares.qsize() < self._spare_count and not self._closed
+                       and self._inflight == 0):
                     self._spares.put(self._create_tmp())
             except OSError as exc:  # disk full, permissions: writes create their own
                 log.warning("cannot create spare temporary files: %s", exc.strerror or exc)
