@@ -82,7 +82,7 @@ class ApiServices:
         """
         data_dir = settings.data_dir.resolve()
         files = FileStore(data_dir, fsync=settings.storage.fsync,
-                      spares=settings.storage.spare_files)
+                          spares=settings.storage.spare_files)
         if enqueue is None:
             tasks = TaskRegistry()
             # Only the name and queue matter to an enqueue-only queue.

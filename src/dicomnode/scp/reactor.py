@@ -20,7 +20,6 @@ which then run their own loop (``pyproject.toml`` pins ``pynetdicom<4``).
 
 from __future__ import annotations
 
-import logging
 import queue
 import types
 from typing import Any
@@ -30,8 +29,6 @@ from pynetdicom import association as _association
 from pynetdicom import evt
 
 __all__ = ["install", "supported"]
-
-log = logging.getLogger(__name__)
 
 _CHECK_EVERY_S = 0.001  # pynetdicom's own reactor period
 

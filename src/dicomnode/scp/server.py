@@ -62,21 +62,16 @@ class _SharedContext(PresentationContext):
     mutable part, so copying it alone gives what a deep copy gives.
     """
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContext:
-        new = _SharedContext.__new__(_SharedContext)
-        new.__dict__.update(self.__dict__)
-        new._transfer_syntax = list(self._transfer_syntax)
+    @classmethod
+    def of(cls, cx: PresentationContext) -> _SharedContext:
+        """A copy of ``cx``: its UIDs shared, its transfer syntax list its own."""
+        new = cls.__new__(cls)
+        new.__dict__.update(cx.__dict__)
+        new._transfer_syntax = list(cx._transfer_syntax)
         return new
 
-
-def _shared(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    out: list[PresentationContext] = []
-    for cx in contexts:
-        shared = _SharedContext()
-        shared.__dict__.update(cx.__dict__)
-        shared._transfer_syntax = list(cx._transfer_syntax)
-        out.append(shared)
-    return out
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContext:
+        return _SharedContext.of(self)
 
 
 def _on_connection(event: evt.Event, poll_interval_s: float, event_reactor: bool) -> None:
@@ -138,7 +133,7 @@ class StorageServer:
         # opens, where it plays the SCP role of the SOP class (PS3.4 J.3.3).
         ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         self.ae = ae
-        self.contexts = _shared(ae.supported_contexts)
+        self.contexts = [_SharedContext.of(cx) for cx in ae.supported_contexts]
         self._handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [ingestor]),
             (evt.EVT_C_ECHO, handle_echo),

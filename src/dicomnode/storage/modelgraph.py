@@ -15,7 +15,13 @@ from typing import Any
 from dicomnode.errors import ModelError, ModelLoadError
 from dicomnode.storage.modelpkg import ModelPackage
 
-__all__ = ["GraphSignature", "TensorInfo", "check_against_graph", "read_graph_signature"]
+__all__ = [
+    "GraphSignature",
+    "TensorInfo",
+    "check_against_graph",
+    "cpu_session",
+    "read_graph_signature",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,20 @@ class GraphSignature:
         )
 
 
+def cpu_session(model: bytes) -> Any | None:
+    """A quiet onnxruntime CPU session over ``model``; None when onnxruntime is not installed.
+
+    Raises whatever onnxruntime raises for bytes it cannot load.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def read_graph_signature(model: bytes | Path) -> GraphSignature:
     """Read the graph's inputs and outputs with onnxruntime, or with ``onnx`` if that is missing.
 
@@ -64,18 +84,10 @@ def read_graph_signature(model: bytes | Path) -> GraphSignature:
     """
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
     try:
-        import onnxruntime as ort
-    except ImportError:
-        ort = None
-    if ort is not None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(
-                data, sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own untyped exceptions here
-            raise ModelLoadError(f"model.onnx: onnxruntime cannot load it: {exc}") from exc
+        session = cpu_session(data)
+    except Exception as exc:  # ORT raises its own untyped exceptions here
+        raise ModelLoadError(f"model.onnx: onnxruntime cannot load it: {exc}") from exc
+    if session is not None:
         return GraphSignature.from_session(session)
     try:
         import onnx

@@ -217,6 +217,8 @@ class FileStore:
     def _make_spares(self) -> None:
         """Thread: keep ``spares`` empty files ready until :meth:`close`."""
         while not self._closed:
+            # Cleared before topping up, so a request made meanwhile is not lost.
+            self._spare_wanted.clear()
             try:
                 while (self._spares.qsize() < self._spare_count and not self._closed
                        and self._inflight == 0):
@@ -224,7 +226,6 @@ class FileStore:
             except OSError as exc:  # disk full, permissions: writes create their own
                 log.warning("cannot create spare temporary files: %s", exc.strerror or exc)
             self._spare_wanted.wait(1.0)
-            self._spare_wanted.clear()
         self._drop_spares()
 
     def _drop_spares(self) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dicomnode.errors import ModelError
+from dicomnode.storage.modelgraph import cpu_session
 from dicomnode.storage.modelpkg import (
     InputContract,
     Label,
@@ -79,16 +80,8 @@ def export_onnx(
 
 
 def _run_onnx(model_bytes: bytes, input_name: str, x: np.ndarray) -> np.ndarray:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        ort = None
-    if ort is not None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(
-            model_bytes, sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+    sess = cpu_session(model_bytes)
+    if sess is not None:
         return np.asarray(sess.run(None, {input_name: x})[0])
     from onnx.reference import ReferenceEvaluator  # slow, but needs only the onnx package
 
