@@ -23,6 +23,9 @@ How an element is handled, in order (deid.md 5.2):
 Every sequence is recursed, at every depth, and a new dataset is built: the input
 is not modified (except that pydicom converts the raw elements it is asked to read)
 and unchanged raw elements, Pixel Data included, are shared without copying.
+
+The markers, Contributing Equipment item and File Meta Information added to every
+output are built by :mod:`~dicomnode.dicom.deid.markers`.
 """
 
 from __future__ import annotations
@@ -31,25 +34,18 @@ import copy
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
-from io import BytesIO
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     UID_dictionary,
 )
 
+from dicomnode.dicom.deid import markers as marks
 from dicomnode.dicom.deid import pixels
 from dicomnode.dicom.deid._elements import decoded as _decoded
 from dicomnode.dicom.deid._elements import elem_text as _elem_text
@@ -57,9 +53,9 @@ from dicomnode.dicom.deid._elements import encode_text as _encode_text
 from dicomnode.dicom.deid._elements import raw_element as _raw
 from dicomnode.dicom.deid.descriptors import DescriptorCleaner
 from dicomnode.dicom.deid.iod import NOT_IN_IOD, TYPE_1, TYPE_2, UNKNOWN, IODTypes, iod_types_for
-from dicomnode.dicom.deid.options import CID_7050, DeidOptions, PatientNameStyle, PrivateTagRule
+from dicomnode.dicom.deid.options import DeidOptions, PatientNameStyle, PrivateTagRule
 from dicomnode.dicom.deid.records import DeidentifiedInstance, IdentityRecord, UIDMapEntry
-from dicomnode.dicom.deid.table import OPTION_COLUMNS, TABLE_EDITION, Action, compile_table
+from dicomnode.dicom.deid.table import OPTION_COLUMNS, Action, compile_table
 from dicomnode.dicom.deid.values import (
     age_string,
     cap_age,
@@ -72,13 +68,6 @@ from dicomnode.dicom.pseudonym import Pseudonymizer
 from dicomnode.errors import DeidentificationError
 
 __all__ = ["Deidentifier", "deidentify"]
-
-try:  # the package version, recorded in De-identification Method
-    from importlib.metadata import version as _version
-
-    _VERSION = _version("dicomnode")
-except Exception:  # pragma: no cover - not installed (source checkout)
-    _VERSION = "0"
 
 # Operations (small ints: dispatch is the hot loop).
 _KEEP, _REMOVE, _EMPTY, _DUMMY, _UID, _CLEAN_TEXT, _SHIFT, _RECURSE, _AE = range(9)
@@ -256,11 +245,7 @@ class Deidentifier:
         self._cleaned: dict[tuple[str, frozenset[str]], str] = {}
         self._codes = options.option_codes()
         self._templates: dict[Any, dict[int, Any]] = {}
-        meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
-        meta.ImplementationClassUID = options.implementation_class_uid
-        meta.ImplementationVersionName = options.implementation_version_name
-        self._meta_template = dict(meta._dict)
+        self._meta_template = marks.meta_template(options)
 
     # ------------------------------------------------------------------ public
 
@@ -330,7 +315,8 @@ class Deidentifier:
         masked = False
         rule = pixels.matching_rule(ds, opts.mask_rules)
         methods = self._codes
-        self._set_file_meta(out, ds)
+        out.file_meta = marks.file_meta(out, ds, self._meta_template)
+        out.preamble = b"\x00" * 128
         if rule is not None:
             masked = pixels.apply_mask(out, rule)
         if masked:
@@ -767,45 +753,10 @@ class Deidentifier:
                 put[BaseTag(_T_CONTRIB_EQUIP)] = self._template(out)[_T_CONTRIB_EQUIP]
             else:
                 items = list(out[_T_CONTRIB_EQUIP].value) if existing.VR == "SQ" else []
-                item = self._equipment_item()
+                item = marks.equipment_item()
                 out[_T_CONTRIB_EQUIP] = DataElement(
                     _T_CONTRIB_EQUIP, "SQ", Sequence([*items, item])
                 )
-
-    @staticmethod
-    def _equipment_item() -> Dataset:
-        item = Dataset()
-        item.Manufacturer = "dicomnode"
-        item.SoftwareVersions = _VERSION
-        code = Dataset()
-        code.CodeValue = "109104"
-        code.CodingSchemeDesignator = "DCM"
-        code.CodeMeaning = "De-identifying Equipment"
-        item.PurposeOfReferenceCodeSequence = Sequence([code])
-        item.ContributionDescription = "De-identified: PS3.15 Annex E Basic Profile"
-        return item
-
-    def _markers(self, methods: tuple[str, ...]) -> Dataset:
-        """PS3.15 E.1.1: Patient Identity Removed, the method and its CID 7050 codes, and
-        Longitudinal Temporal Information Modified (E.2, E.3.6/E.3.7)."""
-        ds = Dataset()
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = self._method_description(methods)
-        items = []
-        for code in methods:
-            item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = CID_7050[code]
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        if self.options.shifts_dates:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        elif self.options.retain_longitudinal_full_dates:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-        else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"
-        return ds
 
     def _template(self, out: Dataset, methods: tuple[str, ...] | None = None) -> dict[int, Any]:
         """The elements every output gets, pre-encoded in ``out``'s encoding.
@@ -820,9 +771,9 @@ class Deidentifier:
         key = (encoding, methods or self._codes)
         cached = self._templates.get(key)
         if cached is None:
-            ds = self._markers(methods or self._codes)
-            ds.ContributingEquipmentSequence = Sequence([self._equipment_item()])
-            cached = self._templates[key] = _encode_raw(ds, *encoding)
+            ds = marks.markers(methods or self._codes, self.options)
+            ds.ContributingEquipmentSequence = Sequence([marks.equipment_item()])
+            cached = self._templates[key] = marks.encode_raw(ds, *encoding)
         return cached
 
     def _add_markers(self, out: Dataset, methods: tuple[str, ...]) -> None:
@@ -830,53 +781,6 @@ class Deidentifier:
         for tag, elem in self._template(out, methods).items():
             if tag != _T_CONTRIB_EQUIP:
                 put[tag] = elem
-
-    @staticmethod
-    def _method_description(methods: tuple[str, ...]) -> list[str]:
-        # LO is at most 64 characters a value, so one value per statement (VM 1-n).
-        return [f"dicomnode {_VERSION} PS3.15 Table E.1-1 {TABLE_EDITION}"] + [
-            CID_7050[c][:64] for c in methods
-        ]
-
-    def _set_file_meta(self, out: Dataset, src: Dataset) -> None:
-        """New File Meta Information describing the de-identifier (PS3.15 E.1.1) and a
-        zeroed preamble; the transfer syntax is the input's."""
-        ts = None
-        src_meta = getattr(src, "file_meta", None)
-        if src_meta is not None and 0x00020010 in src_meta:
-            ts = _elem_text(src_meta._dict[0x00020010])
-        if not ts:
-            imp, little = src.original_encoding
-            if imp is None:
-                ts = ExplicitVRLittleEndian
-            elif imp:
-                ts = ImplicitVRLittleEndian
-            else:
-                ts = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        meta = FileMetaDataset()
-        put = meta._dict
-        # Built as converted elements: pydicom converts and validates every File Meta
-        # element when writing anyway, and copying prepared ones is the cheapest way.
-        for tag, elem in self._meta_template.items():
-            put[tag] = copy.copy(elem)
-        for tag, value in (
-            (0x00020002, _elem_text(out._dict[_T_SOP_CLASS])),
-            (0x00020003, _elem_text(out._dict[_T_SOP_UID])),
-            (0x00020010, str(ts)),
-        ):
-            put[BaseTag(tag)] = DataElement(tag, "UI", UID(value), already_converted=True)
-        out.file_meta = meta
-        out.preamble = b"\x00" * 128
-
-
-def _encode_raw(ds: Dataset, implicit: bool, little: bool) -> dict[int, Any]:
-    """``ds``'s elements encoded in one encoding and read back as raw elements."""
-    buf = DicomBytesIO()
-    buf.is_implicit_VR, buf.is_little_endian = implicit, little
-    write_dataset(buf, ds)
-    raw = read_dataset(BytesIO(buf.getvalue()), implicit, little)
-    return dict(raw._dict)
-
 
 def _tag_name(tag: int) -> str:
     kw = keyword_for_tag(tag) if tag and not (tag >> 16) & 1 else ""
