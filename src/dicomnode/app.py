@@ -208,13 +208,18 @@ class Node:
         return done
 
     def expire_spool(self) -> int:
-        """Delete identified spool files kept past ``deid.spool_retention_s``."""
-        cutoff = time.time() - self.settings.deid.spool_retention_s
+        """Delete identified spool files kept past ``deid.spool_retention_s`` (or, for
+        objects that could not be de-identified, ``deid.failed_spool_retention_s``)."""
+        now = time.time()
+        cutoff = now - self.settings.deid.spool_retention_s
+        failed_cutoff = now - self.settings.deid.failed_spool_retention_s
         n = 0
-        for instance_id, path in self.index.expired_spool_files(cutoff):
+        for instance_id, path in self.index.expired_spool_files(cutoff, failed_cutoff):
             self.files.delete(path)
             self.index.forget_spool(instance_id, path)
             n += 1
+        if n:
+            audit("spool_expired", user=self.settings.ae_title, count=n)
         return n
 
     def _completion_loop(self) -> None:
@@ -223,7 +228,7 @@ class Node:
         while not self._stop.wait(interval):
             try:
                 self.check_completion()
-                if self.settings.deid.spool_retention_s and time.time() - last_expiry > 10:
+                if time.time() - last_expiry > 10:
                     last_expiry = time.time()
                     self.expire_spool()
             except Exception:

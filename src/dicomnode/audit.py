@@ -99,6 +99,7 @@ EVENTS: dict[str, tuple[dict[str, str], str, dict[str, str] | None]] = {
     "application_stop": (_APPLICATION_ACTIVITY, "E", _code("110121", "Application Stop")),
     "api_authentication_failed": (_USER_AUTHENTICATION, "E", _LOGIN),
     "operator_action": (_SECURITY_ALERT, "E", _code("110132", "Use of Restricted Function")),
+    "spool_expired": (_INSTANCES_ACCESSED, "D", None),
 }
 """event name -> (EventID, EventActionCode, EventTypeCode or None)."""
 

@@ -247,6 +247,10 @@ class DeidSettings(_Section):
     mask_rules: list[PixelMaskRule] = []
     spool_retention_s: float = Field(0.0, ge=0)
     """Keep the identified spool file this long after its de-identified copy is durable."""
+    failed_spool_retention_s: float = Field(86400.0, ge=0)
+    """An object that cannot be de-identified at all (unreadable after it was stored) keeps
+    its identified spool file this long for an operator to look at, then it is deleted
+    (audited): no identified copy stays without a time limit."""
     settle_s: float = Field(0.5, ge=0)
     """Wait this long after a study's latest instance before de-identifying it (so a burst
     of C-STOREs is not slowed by de-identification competing for the CPU)..."""
@@ -267,13 +271,21 @@ class InferenceSettings(_Section):
     """Register and activate the bundled demo model when the registry is empty."""
 
 
+_ANY = ("*", "any", "ANY", "Any")
+
+
 class RoutingRule(_Section):
-    """Which models run on a study, and on which of its series."""
+    """Which models run on a study, and on which of its series.
+
+    ``modality`` and ``plane`` take ``"*"`` (or ``"any"``) for any value; the
+    regular-expression filters match anywhere in the value, case-insensitively, and a
+    filter left out accepts every series.
+    """
 
     name: str
     models: list[str] = Field(min_length=1)
     modality: str | None = "CT"
-    """Modality of the series to run on (None: any)."""
+    """Modality of the series to run on; "*" for any."""
     body_part: str | None = None
     """Regular expression BodyPartExamined must match (case-insensitive)."""
     series_description: str | None = None
@@ -282,10 +294,37 @@ class RoutingRule(_Section):
     calling_ae: str | None = None
     """Only studies sent by this AE title."""
     min_slices: int = Field(2, ge=1)
-    plane: Literal["axial", "coronal", "sagittal"] | None = "axial"
+    """Fewest slices in the volume the series makes (1 accepts a single slice)."""
+    plane: Literal["axial", "coronal", "sagittal", "oblique"] | None = "axial"
+    """Plane of the volume's slices; "*" for any."""
     max_slice_spacing_mm: float | None = Field(None, gt=0)
+    view_position: str | None = None
+    """Regular expression View Position (0018,5101) must match, e.g. "PA|AP" (2D images)."""
+    image_laterality: str | None = None
+    """Regular expression Image Laterality (0020,0062) must match, e.g. "L" (2D images)."""
+    presentation_intent: str | None = None
+    """Regular expression Presentation Intent Type (0008,0068) must match, e.g.
+    "FOR PRESENTATION" (2D images)."""
     destinations: list[str] | None = None
     """Where this rule's results go (peer names or "caller"); None: results.destinations."""
+
+    @field_validator("modality", "plane", mode="before")
+    @classmethod
+    def _wildcard(cls, value: object) -> object:
+        return None if value in _ANY else value
+
+    @field_validator(
+        "body_part", "series_description", "view_position", "image_laterality",
+        "presentation_intent",
+    )
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from None
+        return value
 
 
 class RoutingSettings(_Section):

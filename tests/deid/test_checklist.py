@@ -15,9 +15,11 @@ IOD validation (112) in ``test_validation.py``.
 Covered by the integration tests of the running node, not here (the engine only
 raises or flags; storing, refusing and alerting are the node's):
 
-- #53, #85, #91, #95, #98, #107, #110: the quarantine itself (the engine raises
+- #53, #85, #91, #95, #107, #110: the quarantine itself (the engine raises
   DeidentificationError/ReidentificationError or sets ``quarantine``; these tests
   check that part);
+- #98: an empty or missing Patient ID is pseudonymised per study, never linked on
+  the name (``test_linkage.py``; the node-level test sends one over C-STORE);
 - #99: keys loaded from the secret file on restart (here: a new Pseudonymizer with
   the same key gives the same bytes);
 - #100: wrong or missing secret at start refuses to run (``storage.keys``);
@@ -1239,7 +1241,8 @@ def test_case_115_planted_markers_absent_from_every_byte(number: int) -> None:
 
 
 def test_errors_never_carry_values():
-    ds = ct(patient_id=" ")
+    ds = ct()
+    del ds.SOPInstanceUID
     ds.PatientName = f"{mark(99)}^Name"
     with pytest.raises(DeidentificationError) as info:
         deidentifier().deidentify(ds)

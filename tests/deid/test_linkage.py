@@ -112,16 +112,25 @@ def test_accession_and_study_id_are_keyed_short_pseudonyms():
     assert len(out.StudyID) == 16 and out.StudyID.isalnum()
 
 
-def test_case_98_missing_or_empty_patient_id_refused():
-    import pytest
-
-    from dicomnode.errors import DeidentificationError
-
+def test_case_98_missing_or_empty_patient_id_pseudonymised_per_study():
+    """Patient ID is Type 2 (emergency, unidentified patients): the study stands in for
+    the patient, never the name (no linking on name)."""
+    outs = []
     for value in (None, "", "   "):
         ds = ct()
         if value is None:
             del ds.PatientID
         else:
             ds.PatientID = value
-        with pytest.raises(DeidentificationError, match="PatientID"):
-            deidentifier().deidentify(ds)
+        outs.append(deidentifier().deidentify(ds).dataset)
+    pids = {str(o.PatientID) for o in outs}
+    assert len(pids) == 1 and pids.pop().strip()
+    assert len({str(o.StudyDate) for o in outs}) == 1  # one date shift within the study
+    other = ct()
+    del other.PatientID
+    other.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.98"
+    out_other = deidentifier().deidentify(other).dataset
+    # same name and birth date, another study: not linked
+    assert str(out_other.PatientID) != str(outs[0].PatientID)
+    named = ct()
+    assert str(deidentifier().deidentify(named).dataset.PatientID) != str(outs[0].PatientID)

@@ -167,64 +167,129 @@ def test_construction_single_slice_uses_slice_thickness(study: PhantomStudy) -> 
     assert vol.spacing == (3.0, 1.5, 1.5)
 
 
-# ------------------------------------------------------------------------------- rejections
+# ------------------------------------------------- real-series quirks: made a volume, said so
 
 
-def test_construction_duplicated_position_different_pixels(study: PhantomStudy) -> None:
+def test_construction_duplicated_position_is_4d(study: PhantomStudy) -> None:
     other = copy.deepcopy(study.datasets[7])
     other.SOPInstanceUID = derived_uid("another", 7)
+    other.InstanceNumber = 1000  # acquired after the first at that position
     other.PixelData = bytes(len(other.PixelData))
 
-    with pytest.raises(InferenceError, match="same position"):
-        assemble_volume([*study.datasets, other])
+    vol = assemble_volume([*study.datasets, other])
+
+    assert vol.shape == (32, 128, 128)  # the volume with a frame at every position
+    assert str(other.SOPInstanceUID) not in vol.sop_instance_uids
+    assert vol.plan.n_volumes == 2
+    assert any("4D series: 2 volumes" in n for n in vol.notes)
 
 
-def test_construction_same_uid_different_pixels(study: PhantomStudy) -> None:
+def test_construction_4d_split_by_acquisition_order(study: PhantomStudy) -> None:
+    # Two time points at the same 6 positions (fMRI-like), instance numbers interleaved.
+    first = _copies(study)[:6]
+    second = _copies(study)[:6]
+    for k, (a, b) in enumerate(zip(first, second, strict=True)):
+        a.InstanceNumber, b.InstanceNumber = 2 * k + 1, 2 * k + 2
+        b.SOPInstanceUID = derived_uid("time point 2", k)
+        b.TemporalPositionIdentifier = 2
+        a.TemporalPositionIdentifier = 1
+
+    vol = assemble_volume([*second, *first])
+
+    assert vol.shape == (6, 128, 128)
+    assert vol.sop_instance_uids == tuple(str(ds.SOPInstanceUID) for ds in first)
+
+
+def test_construction_same_uid_twice_kept_once(study: PhantomStudy) -> None:
     changed = copy.deepcopy(study.datasets[7])
     changed.PixelData = bytes(len(changed.PixelData))
 
-    with pytest.raises(InferenceError, match="same SOPInstanceUID but different pixel data"):
-        assemble_volume([*study.datasets, changed])
+    vol = assemble_volume([*study.datasets, changed])
+
+    assert vol.shape == (32, 128, 128)
+    np.testing.assert_array_equal(vol.array, _stored_hu(study))
 
 
-def test_construction_missing_slice(study: PhantomStudy) -> None:
+def test_construction_missing_slice_interpolated(study: PhantomStudy) -> None:
     datasets = [ds for k, ds in enumerate(study.datasets) if k != 12]
 
-    with pytest.raises(InferenceError, match="not uniform.*missing slice"):
-        assemble_volume(datasets)
+    vol = assemble_volume(datasets)
+
+    assert vol.shape == (32, 128, 128) and not vol.aligned
+    assert vol.spacing == (3.0, 1.5, 1.5)
+    assert any("1 missing slice" in n for n in vol.notes)
+    hu = _stored_hu(study)
+    np.testing.assert_array_equal(vol.array[:12], hu[:12])
+    np.testing.assert_array_equal(vol.array[13:], hu[13:])
+    np.testing.assert_allclose(vol.array[12], (hu[11] + hu[13]) / 2, atol=1e-4)
+    # results go back to the frames as sent: 31 frames, slot 12 skipped
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[:, 5, 5] = np.arange(32) % 250 + 1
+    on_frames = vol.mask_on_frames(mask)
+    assert on_frames.shape == (31, 128, 128)
+    assert [int(v) for v in on_frames[:, 5, 5]] == [k % 250 + 1 for k in range(32) if k != 12]
+    np.testing.assert_array_equal(vol.grid_from_frames(on_frames)[13:], mask[13:])
 
 
-def test_construction_mixed_orientation(study: PhantomStudy) -> None:
+def test_construction_mixed_orientation_uses_largest_stack(study: PhantomStudy) -> None:
     datasets = _copies(study)
-    datasets[5].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    datasets[5].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a localizer slipped in
 
-    with pytest.raises(InferenceError, match="mixes orientations"):
-        assemble_volume(datasets)
+    vol = assemble_volume(datasets)
+
+    assert str(datasets[5].SOPInstanceUID) not in vol.sop_instance_uids
+    assert vol.shape[0] == 32  # slot 5 interpolated between its neighbours
+    assert len(vol.frames) == 31
+    assert any("mixes 2 orientations or pixel grids" in n for n in vol.notes)
 
 
-def test_construction_mixed_rows_columns(study: PhantomStudy) -> None:
+@pytest.mark.parametrize(
+    ("keyword", "value"), [("Columns", 64), ("PixelSpacing", [1.5, 1.6])], ids=["size", "spacing"]
+)
+def test_construction_mixed_grid_uses_largest_stack(
+    study: PhantomStudy, keyword: str, value: object
+) -> None:
     datasets = _copies(study)
-    datasets[5].Columns = 64
+    setattr(datasets[5], keyword, value)
 
-    with pytest.raises(InferenceError, match="image sizes"):
-        assemble_volume(datasets)
+    vol = assemble_volume(datasets)
 
-
-def test_construction_mixed_pixel_spacing(study: PhantomStudy) -> None:
-    datasets = _copies(study)
-    datasets[5].PixelSpacing = [1.5, 1.6]
-
-    with pytest.raises(InferenceError, match="pixel spacings"):
-        assemble_volume(datasets)
+    assert len(vol.frames) == 31
+    assert any("mixes 2 orientations or pixel grids" in n for n in vol.notes)
 
 
 @pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient"])
-def test_construction_missing_geometry(study: PhantomStudy, keyword: str) -> None:
+def test_construction_instance_without_geometry_left_out(
+    study: PhantomStudy, keyword: str
+) -> None:
     datasets = _copies(study)
     delattr(datasets[3], keyword)
 
-    with pytest.raises(InferenceError, match=f"{keyword} is missing"):
+    vol = assemble_volume(datasets)
+
+    assert len(vol.frames) == 31 and vol.shape[0] == 32
+    assert any(f"instance 3: {keyword} is missing" in n for n in vol.notes)
+
+
+def test_construction_no_instance_placeable(study: PhantomStudy) -> None:
+    datasets = _copies(study)[:3]
+    for ds in datasets:
+        del ds.ImagePositionPatient
+
+    with pytest.raises(InferenceError, match="no instance of the series can be placed"):
         assemble_volume(datasets)
+
+
+def test_construction_without_frame_of_reference(study: PhantomStudy) -> None:
+    datasets = _copies(study)
+    for ds in datasets:
+        del ds.FrameOfReferenceUID
+
+    vol = assemble_volume(datasets)
+
+    assert vol.aligned and vol.frame_of_reference_uid is None
+    np.testing.assert_array_equal(vol.array, _stored_hu(study))
+    assert any("no FrameOfReferenceUID" in n for n in vol.notes)
 
 
 def test_construction_too_few_slices(study: PhantomStudy) -> None:
@@ -241,28 +306,81 @@ def test_construction_mixed_series(study: PhantomStudy) -> None:
     datasets = _copies(study)
     datasets[0].SeriesInstanceUID = derived_uid("other series")
 
-    with pytest.raises(InferenceError, match="mixes 2 different series"):
+    with pytest.raises(InferenceError, match="do not share one SeriesInstanceUID"):
         assemble_volume(datasets)
 
 
-def test_construction_sheared_stack(study: PhantomStudy) -> None:
-    # Gantry tilt: each slice shifts in y as it moves in z.
+def test_construction_scattered_positions_refused(study: PhantomStudy) -> None:
+    datasets = [copy.deepcopy(study.datasets[k]) for k in (0, 1, 9, 10, 30)]
+
+    with pytest.raises(InferenceError, match="too scattered"):
+        assemble_volume(datasets)
+
+
+def test_construction_sheared_stack_resampled(study: PhantomStudy) -> None:
+    # Gantry tilt: each slice is shifted one row (1.5 mm) further in y than the last.
     datasets = _copies(study)
     for k, ds in enumerate(datasets):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, round(y + 0.5 * k, 4), z]
+        ds.ImagePositionPatient = [x, y + 1.5 * k, z]
 
-    with pytest.raises(InferenceError, match="sheared stack"):
+    vol = assemble_volume(datasets)
+
+    assert not vol.aligned and vol.shape == (32, 128, 128)
+    assert any("sheared stack" in n for n in vol.notes)
+    hu = _stored_hu(study)
+    # grid voxel (k, i, j) lies where source slice k has row i - k
+    for k in (0, 5, 31):
+        np.testing.assert_allclose(vol.array[k, k:], hu[k, : 128 - k], atol=1e-3)
+    # a mask on the grid goes back onto every frame as sent
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[10, 40:50, 60:70] = 1
+    on_frames = vol.mask_on_frames(mask)
+    assert on_frames[10, 30:40, 60:70].all() and on_frames[10].sum() == 100
+
+
+def test_construction_multi_frame_legacy_converted(study: PhantomStudy) -> None:
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    mf = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=_copies(study),
+        series_instance_uid=derived_uid("mf series"),
+        series_number=90,
+        sop_instance_uid=derived_uid("mf"),
+        instance_number=1,
+    )
+
+    vol = assemble_volume([mf])
+
+    assert vol.aligned and vol.shape == (32, 128, 128)
+    np.testing.assert_array_equal(vol.array, _stored_hu(study))
+    assert vol.frame_refs[0].startswith(f"{mf.SOPInstanceUID}#")
+    assert len(vol.headers) == 1
+
+
+def test_construction_mosaic_refused(study: PhantomStudy) -> None:
+    datasets = _copies(study)[:2]
+    for ds in datasets:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
+
+    with pytest.raises(InferenceError, match="MOSAIC"):
         assemble_volume(datasets)
 
 
-def test_construction_multi_frame(study: PhantomStudy) -> None:
-    enhanced = copy.deepcopy(study.datasets[0])
-    enhanced.NumberOfFrames = 2
-    enhanced.PixelData = enhanced.PixelData * 2
+def test_construction_malformed_number_of_frames_costs_the_instance(study: PhantomStudy) -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
 
-    with pytest.raises(InferenceError, match="multi-frame object .* not supported"):
-        assemble_volume([enhanced])
+    datasets = _copies(study)
+    # as a scanner wrote it: the value is only converted (and fails) when read
+    datasets[4]._dict[Tag(0x00280008)] = RawDataElement(
+        Tag(0x00280008), "IS", 2, b"1A", 0, False, True
+    )
+
+    vol = assemble_volume(datasets)
+
+    assert len(vol.frames) == 31
+    assert summarize_series(datasets).n_slices == 31
 
 
 def test_construction_undecodable_pixels(study: PhantomStudy) -> None:
@@ -278,7 +396,7 @@ def test_construction_undecodable_pixels(study: PhantomStudy) -> None:
 
 def test_construction_messages_carry_no_patient_data(study: PhantomStudy) -> None:
     datasets = _copies(study)
-    datasets[5].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    datasets[5].SeriesInstanceUID = derived_uid("other series")
 
     with pytest.raises(InferenceError) as info:
         assemble_volume(datasets)
@@ -353,6 +471,10 @@ def test_select_series_summary(candidates: dict[str, list[Dataset]]) -> None:
         series_number=3,
         series_description="AXIAL 3MM",
         multi_frame=False,
+        n_slices=30,
+        volume_note="",
+        sop_class_uid=str(candidates["ct1"][0].SOPClassUID),
+        body_part="CHEST",
     )
 
 
@@ -381,7 +503,7 @@ def test_select_series_no_match(candidates: dict[str, list[Dataset]]) -> None:
         select_series(order, modality="CT", plane="AXIAL", min_slices=20)
 
     message = str(info.value)
-    assert "0: 10 instances, expected at least 20" in message
+    assert "0: 10 slices, expected at least 20" in message
     assert "1: modality MR, expected CT" in message
     assert "2: plane CORONAL, expected AXIAL" in message
     assert "AXIAL 3MM" not in message  # descriptions are not echoed

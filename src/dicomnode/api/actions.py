@@ -6,7 +6,11 @@
 * drop = ``dicomnode outbox drop``: the row becomes ``dropped`` (the object stays
   under ``results/``);
 * promote = ``dicomnode models promote``: :meth:`ModelRegistry.activate`;
-* rollback = ``dicomnode models rollback``: :meth:`ModelRegistry.rollback`.
+* rollback = ``dicomnode models rollback``: :meth:`ModelRegistry.rollback`;
+* retry a study = ``dicomnode studies retry``: a study in a terminal outcome is
+  processed again from its completion (a new pipeline run of the same version:
+  de-identification of anything pending, routing, inference, results); its dead or
+  unroutable deliveries are queued again.
 
 Each success leaves an ``operator_action`` audit line naming the API user and
 address (the registry adds its own ``model_promoted`` line).
@@ -20,7 +24,15 @@ from dicomnode.audit import audit
 from dicomnode.errors import ModelError, NodeError
 from dicomnode.storage.registry import RegisteredModel
 
-__all__ = ["ActionRefused", "NotFound", "drop_outbox", "promote", "retry_outbox", "rollback"]
+__all__ = [
+    "ActionRefused",
+    "NotFound",
+    "drop_outbox",
+    "promote",
+    "retry_outbox",
+    "retry_study",
+    "rollback",
+]
 
 
 class NotFound(NodeError, LookupError):
@@ -116,3 +128,38 @@ def rollback(svc: ApiServices, name: str, reason: str | None,
         raise ActionRefused(str(exc)) from None
     _audit(principal, "model_rollback", model=name, version=m.version, reason=reason)
     return m
+
+
+def retry_study(svc: ApiServices, study_id: int, principal: Principal) -> int:
+    """Process a study again from its completion; return the new pipeline run number.
+
+    Refused results of the current version are cleared so their models run again;
+    dead and unroutable deliveries become pending again (the run's results stage
+    queues them). Sent objects are never sent twice: result UIDs are deterministic.
+
+    Raises
+    ------
+    NotFound
+        No such study.
+    ActionRefused
+        The study is still receiving or being processed.
+    """
+    study = svc.index.study(study_id)
+    if study is None:
+        raise NotFound(f"study {study_id} is unknown")
+    started = svc.index.start_retry(study_id)
+    if started is None:
+        raise ActionRefused(
+            f"study {study_id} is {study.outcome}: only a study in a final outcome can be retried"
+        )
+    version, run = started
+    svc.results.clear_failed(study_id, version)
+    for item in svc.outbox.list(study_id=study_id):
+        if item.study_version == version and item.status in ("dead", "unroutable"):
+            svc.outbox.update(item.id, status="pending", attempts=0, next_attempt_at=None,
+                              last_error=None)
+    svc.enqueue("study_complete", {"study_id": study_id, "version": version},
+                dedup_key=f"study_complete:{study_id}:{version}:r{run}")
+    _audit(principal, "study_retry", study_key=study.study_key, study_id=study_id,
+           version=version, run=run, previous_outcome=study.outcome)
+    return run

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicomnode.config import RoutingRule
-from dicomnode.dicom.volume import select_series, summarize_series
+from dicomnode.dicom.image import image_attributes
+from dicomnode.dicom.volume import SeriesSummary, select_series, summarize_series
 from dicomnode.errors import InferenceError
 
 __all__ = ["Route", "RoutingDecision", "route_study"]
@@ -75,25 +76,37 @@ def route_study(
     routes: list[Route] = []
     skipped: list[tuple[str, str]] = []
     chosen_models: set[str] = set()
+    summaries: dict[str, SeriesSummary] = {}
+    attributes: dict[str, dict[str, str]] = {}
+    for key, dss in series.items():
+        # Header-only and tolerant: a malformed value costs its instance or series
+        # (recorded in the summary's note), never the whole study's routing.
+        summaries[key] = summarize_series(dss)
+        attributes[key] = image_attributes(dss[0])
     for rule in rules:
         if rule.calling_ae is not None and rule.calling_ae != calling_ae:
             skipped.append((rule.name, f"calling AE is not {rule.calling_ae}"))
             continue
         candidates = []
         keys = []
-        for key, dss in series.items():
-            first = dss[0]
-            if not _matches(rule.body_part, first.get("BodyPartExamined")):
+        for key, s in summaries.items():
+            attrs = attributes[key]
+            if not _matches(rule.body_part, s.body_part):
                 continue
-            if (
-                rule.sop_class_uid is not None
-                and str(first.get("SOPClassUID")) != rule.sop_class_uid
+            if rule.sop_class_uid is not None and s.sop_class_uid != rule.sop_class_uid:
+                continue
+            if not (
+                _matches(rule.view_position, attrs["view_position"])
+                and _matches(rule.image_laterality, attrs["image_laterality"])
+                and _matches(rule.presentation_intent, attrs["presentation_intent"])
             ):
                 continue
-            candidates.append(summarize_series(dss))
+            candidates.append(s)
             keys.append(key)
         if not candidates:
-            skipped.append((rule.name, "no series with the required body part / SOP class"))
+            skipped.append(
+                (rule.name, "no series with the required body part, SOP class or image attributes")
+            )
             continue
         try:
             pick = select_series(
@@ -110,8 +123,10 @@ def route_study(
         key = keys[candidates.index(pick)]
         why = (
             f"{pick.modality} {pick.plane.value if pick.plane else ''} series of "
-            f"{pick.n_instances} slices, spacing {pick.slice_spacing_mm} mm"
+            f"{pick.n_slices} slices, spacing {pick.slice_spacing_mm} mm"
         )
+        if pick.volume_note:
+            why += f" ({pick.volume_note})"
         for model in rule.models:
             if model not in chosen_models:
                 chosen_models.add(model)

@@ -39,6 +39,7 @@ from dicomnode.dicom.findings import (
     derived_uid,
     pin_times,
 )
+from dicomnode.dicom.frames import Frame, image_frames, number_of_frames
 from dicomnode.errors import DatasetError
 
 __all__ = [
@@ -149,7 +150,10 @@ def _check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
-def _check_sources(source_datasets: Sequence[Dataset]) -> tuple[int, int]:
+def _check_sources(
+    source_datasets: Sequence[Dataset], frame_numbers: Sequence[int] | None
+) -> tuple[int, int, int]:
+    """(rows, columns, frames the mask must have) of valid sources."""
     if len(source_datasets) == 0:
         raise ValueError("source_datasets is empty, expected at least one source image")
     for i, ds in enumerate(source_datasets):
@@ -157,20 +161,39 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> tuple[int, int]:
             raise ValueError(
                 f"source_datasets[{i}] is a {type(ds).__name__}, expected a pydicom Dataset"
             )
-        frames = ds.get("NumberOfFrames")
-        if frames is not None and int(frames) > 1:
-            raise ValueError(f"source_datasets[{i}] is multi-frame; expected single-frame images")
-        for keyword in (
-            "SOPClassUID",
-            "SOPInstanceUID",
-            "ImagePositionPatient",
-            "ImageOrientationPatient",
-            "PixelSpacing",
-            "Rows",
-            "Columns",
-        ):
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
             if keyword not in ds:
                 raise ValueError(f"source_datasets[{i}] lacks {keyword}")
+    n_frames = [number_of_frames(ds) for ds in source_datasets]
+    multi = len(source_datasets) == 1 and (
+        n_frames[0] > 1 or "PerFrameFunctionalGroupsSequence" in source_datasets[0]
+    )
+    if multi:
+        ds = source_datasets[0]
+        for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            if keyword not in ds:
+                raise ValueError(f"source_datasets[0] is multi-frame but lacks {keyword}")
+        if frame_numbers is not None:
+            bad = [f for f in frame_numbers if not 1 <= int(f) <= n_frames[0]]
+            if bad or len(set(frame_numbers)) != len(frame_numbers) or not frame_numbers:
+                raise ValueError(
+                    f"frame_numbers must be distinct frames in 1..{n_frames[0]}, "
+                    f"got {list(frame_numbers)}"
+                )
+        expected = len(frame_numbers) if frame_numbers is not None else n_frames[0]
+    else:
+        if frame_numbers is not None:
+            raise ValueError("frame_numbers is only for one multi-frame source image")
+        for i, ds in enumerate(source_datasets):
+            if n_frames[i] > 1:
+                raise ValueError(
+                    f"source_datasets[{i}] is multi-frame; pass it alone, not in a list of "
+                    "single-frame images"
+                )
+            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+                if keyword not in ds:
+                    raise ValueError(f"source_datasets[{i}] lacks {keyword}")
+        expected = len(source_datasets)
     for keyword in (
         "StudyInstanceUID",
         "SeriesInstanceUID",
@@ -191,7 +214,7 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> tuple[int, int]:
     uids = [str(ds.SOPInstanceUID) for ds in source_datasets]
     if len(set(uids)) != len(uids):
         raise ValueError("source_datasets contains the same SOPInstanceUID more than once")
-    return int(source_datasets[0].Rows), int(source_datasets[0].Columns)
+    return int(source_datasets[0].Rows), int(source_datasets[0].Columns), expected
 
 
 def _check_segments(segments: Sequence[SegmentSpec]) -> None:
@@ -208,14 +231,14 @@ def _check_segments(segments: Sequence[SegmentSpec]) -> None:
 
 
 def _check_mask(
-    mask: object, n_sources: int, rows: int, columns: int, n_segments: int
+    mask: object, n_frames: int, rows: int, columns: int, n_segments: int
 ) -> np.ndarray:
     if not isinstance(mask, np.ndarray):
         raise ValueError(f"mask must be a numpy array, got {type(mask).__name__}")
-    if mask.ndim != 3 or mask.shape != (n_sources, rows, columns):
+    if mask.ndim != 3 or mask.shape != (n_frames, rows, columns):
         raise ValueError(
-            f"mask has shape {mask.shape}, expected (z, y, x) = ({n_sources}, {rows}, {columns}) "
-            "matching source_datasets and their Rows/Columns"
+            f"mask has shape {mask.shape}, expected (frames, y, x) = ({n_frames}, {rows}, "
+            f"{columns}) matching the source frames and their Rows/Columns"
         )
     if mask.dtype == np.bool_:
         return mask.astype(np.uint8)
@@ -248,19 +271,22 @@ def build_seg(
     supersedes: InstanceReference | None = None,
     content_datetime: _dt.datetime | None = None,
     transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    frame_numbers: Sequence[int] | None = None,
 ) -> hd.seg.Segmentation:
     """Build a BINARY Segmentation instance from a label mask.
 
     Parameters
     ----------
     source_datasets
-        The source images in volume order (``Volume.headers``): single-frame
-        images of one series; Pixel Data is not needed. ``mask[k]`` lies on
-        ``source_datasets[k]``. Patient and study attributes are copied from
-        them, so build on the headers the SEG is meant to carry (original or
-        pseudonymous).
+        The source images (headers suffice; Pixel Data is not needed): either
+        single-frame images of one series, ``mask[k]`` lying on
+        ``source_datasets[k]``, or exactly one multi-frame image (Enhanced or
+        Legacy Converted), ``mask[k]`` lying on its frame ``frame_numbers[k]``.
+        Patient and study attributes are copied from them, so build on the
+        headers the SEG is meant to carry (original or pseudonymous), made
+        usable by :func:`dicomnode.dicom.sources.sanitized_sources`.
     mask
-        (z, y, x) unsigned integer labels: 0 background, ``n`` segment ``n``.
+        (frames, y, x) unsigned integer labels: 0 background, ``n`` segment ``n``.
     segments
         One :class:`SegmentSpec` per model label, numbered 1..N in order. Every
         declared segment is kept in the Segment Sequence, even when empty.
@@ -293,6 +319,11 @@ def build_seg(
     transfer_syntax_uid
         Explicit VR Little Endian (default), Implicit VR Little Endian or
         JPEG 2000 Lossless (the only encapsulated syntax BINARY allows).
+    frame_numbers
+        For one multi-frame source: the (1-based, distinct) frame each mask
+        frame lies on, e.g. the frames of one 3D volume of a 4D object; None
+        means every frame in order. Each SEG frame references exactly its
+        source frame (Derivation Image Sequence, Referenced Frame Number).
 
     Returns
     -------
@@ -319,13 +350,13 @@ def build_seg(
     Other sub-UIDs (Dimension Organization UID, segment Tracking UIDs) are
     derived from ``sop_instance_uid``, so equal inputs give equal objects.
     """
-    rows, columns = _check_sources(source_datasets)
+    rows, columns, n_frames = _check_sources(source_datasets, frame_numbers)
     _check_segments(segments)
     if not isinstance(algorithm, AlgorithmSpec):
         raise ValueError(f"algorithm must be an AlgorithmSpec, got {type(algorithm).__name__}")
     if not isinstance(device, DeviceSpec):
         raise ValueError(f"device must be a DeviceSpec, got {type(device).__name__}")
-    mask = _check_mask(mask, len(source_datasets), rows, columns, len(segments))
+    mask = _check_mask(mask, n_frames, rows, columns, len(segments))
     check_uid(series_instance_uid, "series_instance_uid")
     check_uid(sop_instance_uid, "sop_instance_uid")
     series_number = _check_positive_int(series_number, "series_number")
@@ -382,7 +413,39 @@ def build_seg(
     sources = list(source_datasets)
     further: list[Dataset] | None = None
     omit_empty = True
-    if not mask.any():
+    geometry: dict[str, object] = {}
+    chosen: list[int] = []
+    multi = len(sources) == 1 and (
+        number_of_frames(sources[0]) > 1 or "PerFrameFunctionalGroupsSequence" in sources[0]
+    )
+    if multi:
+        # Explicit geometry: highdicom then matches frames by position, which a 4D
+        # object (several frames per position) makes ambiguous; _reference_frames
+        # below sets each SEG frame's source frame exactly.
+        all_frames = image_frames(sources[0], 0)
+        chosen = list(frame_numbers) if frame_numbers is not None else list(
+            range(1, len(all_frames) + 1)
+        )
+        if not mask.any():
+            mask, chosen, omit_empty = mask[:1], chosen[:1], False
+        first = all_frames[chosen[0] - 1]
+        geometry = {
+            "plane_positions": [
+                hd.PlanePositionSequence(
+                    hd.CoordinateSystemNames.PATIENT,
+                    [float(v) for v in all_frames[f - 1].position],
+                )
+                for f in chosen
+            ],
+            "plane_orientation": hd.PlaneOrientationSequence(
+                hd.CoordinateSystemNames.PATIENT, [float(v) for v in first.orientation]
+            ),
+            "pixel_measures": hd.PixelMeasuresSequence(
+                pixel_spacing=[float(v) for v in first.pixel_spacing],
+                slice_thickness=first.slice_thickness or first.spacing_between_slices or 1.0,
+            ),
+        }
+    elif not mask.any():
         # highdicom would fall back to encoding every (empty) frame of every
         # segment; one empty frame per segment is enough for a valid object.
         mask = mask[:1]
@@ -418,8 +481,11 @@ def build_seg(
         transfer_syntax_uid=transfer_syntax_uid,
         omit_empty_frames=omit_empty,
         further_source_images=further,
+        **geometry,
         **dates,
     )
+    if multi:
+        _reference_frames(seg, sources[0], [all_frames[f - 1] for f in chosen])
 
     # highdicom draws a random Dimension Organization UID; derive it instead so a
     # rebuild of the same instance is the same object.
@@ -432,6 +498,34 @@ def build_seg(
     if supersedes is not None:
         _add_predecessor(seg, supersedes)
     return seg
+
+
+def _reference_frames(seg: Dataset, source: Dataset, frames: Sequence[Frame]) -> None:
+    """Make each SEG frame's Source Image Sequence name exactly its source frame.
+
+    ``frames`` are the source frames the mask was given on (one 3D volume, so
+    their positions are distinct); a SEG frame is matched by its Plane Position.
+    """
+    by_position = {tuple(np.round(f.position, 3)): f for f in frames}
+    purpose = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        position = tuple(
+            np.round([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient], 3)
+        )
+        frame = by_position.get(position)
+        if frame is None or frame.frame_number is None:
+            continue
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = source.SOPClassUID
+        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ref.ReferencedFrameNumber = frame.frame_number
+        ref.PurposeOfReferenceCodeSequence = [purpose]
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [
+            hd.sr.CodedConcept("113076", "DCM", "Segmentation")
+        ]
+        derivation.SourceImageSequence = [ref]
+        group.DerivationImageSequence = [derivation]
 
 
 def _add_predecessor(seg: Dataset, ref: InstanceReference) -> None:

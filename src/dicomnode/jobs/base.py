@@ -27,7 +27,16 @@ from sqlalchemy.orm import Session
 
 from dicomnode.errors import JobError
 
-__all__ = ["JobInfo", "JobQueue", "RetryPolicy", "TaskRegistry", "TaskSpec", "backoff_delay"]
+__all__ = [
+    "DeadLetterHook",
+    "JobInfo",
+    "JobQueue",
+    "RetryPolicy",
+    "TaskRegistry",
+    "TaskSpec",
+    "backoff_delay",
+    "call_dead_letter_hook",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,11 @@ def backoff_delay(policy: RetryPolicy, attempt: int) -> float:
     return float(min(policy.max_s, policy.base_s * 2 ** max(0, attempt - 1)))
 
 
+DeadLetterHook = Callable[[Any, Mapping[str, Any], str], None]
+"""``hook(ctx, args, error)``: called once when a job of the task is dead-lettered, with
+the job's arguments and its patient-safe error text (see ``describe_error``)."""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A registered task."""
@@ -52,6 +66,9 @@ class TaskSpec:
     fn: Callable[..., Any]
     queue: str
     retry: RetryPolicy
+    on_dead: DeadLetterHook | None = None
+    """Called when a job's attempts are used up (the dead letter), so that the work it
+    belonged to can be marked as failed with the reason instead of staying "running"."""
 
 
 class TaskRegistry:
@@ -69,13 +86,14 @@ class TaskRegistry:
         *,
         queue: str = "default",
         retry: RetryPolicy | None = None,
+        on_dead: DeadLetterHook | None = None,
     ) -> TaskSpec:
-        """Register ``fn`` as task ``name`` on ``queue``."""
+        """Register ``fn`` as task ``name`` on ``queue`` (``on_dead``: see :class:`TaskSpec`)."""
         if self.frozen:
             raise JobError(f"cannot register task {name!r}: the queue has started")
         if name in self._tasks:
             raise JobError(f"task {name!r} is already registered")
-        spec = TaskSpec(name, fn, queue, retry or self._default_retry)
+        spec = TaskSpec(name, fn, queue, retry or self._default_retry, on_dead)
         self._tasks[name] = spec
         return spec
 
@@ -161,3 +179,16 @@ class JobQueue(Protocol):
     def job(self, job_id: int) -> JobInfo | None:
         """The job ``job_id`` as it is now; None if there is no such job."""
         ...
+
+
+def call_dead_letter_hook(
+    spec: TaskSpec, ctx: Any, args: Mapping[str, Any], error: str, log: Any
+) -> None:
+    """Run ``spec.on_dead`` if it has one; a failing hook is logged, never raised (the
+    job's own outcome is already recorded)."""
+    if spec.on_dead is None:
+        return
+    try:
+        spec.on_dead(ctx, args, error)
+    except Exception as exc:  # bookkeeping only
+        log.error("dead-letter hook of %s failed: %s", spec.name, type(exc).__name__)

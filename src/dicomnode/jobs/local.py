@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Select, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicomnode.errors import JobError, NodeError
-from dicomnode.jobs.base import JobInfo, TaskRegistry, backoff_delay
+from dicomnode.jobs.base import JobInfo, TaskRegistry, backoff_delay, call_dead_letter_hook
 from dicomnode.storage.models import Job, JobStatus
 
 __all__ = ["LOCK_KEY", "LocalQueue"]
@@ -297,6 +297,11 @@ class LocalQueue:
                 values["run_after"] = now + backoff_delay(spec.retry, job.attempts)
         with self.sessions.begin() as s:
             s.execute(update(Job).where(Job.id == job.id).values(**values))
+        if values.get("status") == JobStatus.FAILED:
+            args = {k: v for k, v in job.args.items() if k != LOCK_KEY}
+            call_dead_letter_hook(
+                self.registry[job.task], self._ctx, args, values["last_error"], log
+            )
 
     def _worker(self, queue: str) -> None:
         name = f"{os.getpid()}:{threading.current_thread().name}"

@@ -55,7 +55,14 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session
 
 from dicomnode.errors import JobError
-from dicomnode.jobs.base import JobInfo, RetryPolicy, TaskRegistry, TaskSpec, backoff_delay
+from dicomnode.jobs.base import (
+    JobInfo,
+    RetryPolicy,
+    TaskRegistry,
+    TaskSpec,
+    backoff_delay,
+    call_dead_letter_hook,
+)
 from dicomnode.jobs.local import describe_error
 from dicomnode.storage.models import JobStatus
 
@@ -460,6 +467,8 @@ class ProcrastinateQueue:
             except Exception as exc:
                 text = describe_error(exc)
                 self._record_error(job.id, job.attempts + 1, text)
+                if job.attempts + 1 >= spec.retry.max_attempts:
+                    call_dead_letter_hook(spec, self._ctx, kwargs, text, log)
                 # procrastinate logs what it catches, traceback included; a third-party
                 # message may quote a dataset value, so it gets the safe text only.
                 raise _TaskFailed(text) from None
@@ -494,6 +503,10 @@ class ProcrastinateQueue:
                     )
                 if last:
                     await jm.finish_job(job, status=failed, delete_job=False)
+                    call_dead_letter_hook(
+                        self.registry[job.task_name], self._ctx, dict(job.task_kwargs or {}),
+                        _WORKER_LOST, log,
+                    )
                 else:
                     await jm.retry_job(job)
             except self._procrastinate.exceptions.ConnectorException:

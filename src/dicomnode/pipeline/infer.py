@@ -15,13 +15,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydicom import dcmread
 
 from dicomnode import metrics
 from dicomnode.dicom.routing import route_study as decide_routes
 from dicomnode.dicom.volume import assemble_volume
-from dicomnode.errors import InferenceError, ModelError
+from dicomnode.errors import InferenceError
 from dicomnode.pipeline.learning import is_label
+from dicomnode.pipeline.outcome import settle
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.tasks import TaskContext
@@ -36,34 +38,63 @@ def _read(ctx: TaskContext, path: str, *, pixels: bool) -> Any:
         return dcmread(f, stop_before_pixels=not pixels)
 
 
+def _read_series(
+    ctx: TaskContext, paths: list[str], *, pixels: bool
+) -> tuple[list[Any], int]:
+    """The readable datasets of a series, and how many files could not be read.
+
+    A file that pydicom cannot parse costs that instance only (it was stored as
+    received, and its structure was checked then; a reader may still refuse a value).
+    """
+    out, bad = [], 0
+    for p in paths:
+        try:
+            out.append(_read(ctx, p, pixels=pixels))
+        except Exception:  # pydicom raises many kinds; the message may quote values
+            bad += 1
+    return out, bad
+
+
 def route_study(ctx: TaskContext, study_id: int, version: int) -> None:
     """Completion hook: decide which models run on which series; enqueue them."""
     study = ctx.index.study(study_id)
     if study is None or study.version != version:
         return  # superseded by a later version: its own completion routes it
+    run = study.run or 1
     if version > 1 and _labels_only(ctx, study_id, version):
         # an annotator's corrected SEG reopened the study: nothing new to infer on
         ctx.index.update_info(
             study_id,
             routing={
                 "version": version,
+                "run": run,
                 "applicable": False,
                 "routes": [],
                 "skipped": [],
                 "note": "only labels arrived; not rerun",
             },
         )
+        settle(ctx, study_id)
         return
     t0 = time.perf_counter()
-    series = {
-        key: [_read(ctx, p, pixels=False) for p in paths]
-        for key, paths in ctx.index.series_files(study_id).items()
-    }
+    series = {}
+    unreadable = 0
+    for key, paths in ctx.index.series_files(study_id).items():
+        datasets, bad = _read_series(ctx, paths, pixels=False)
+        unreadable += bad
+        if datasets:
+            series[key] = datasets
     decision = decide_routes(series, ctx.settings.routing.rules, calling_ae=study.calling_ae)
-    ctx.index.update_info(study_id, routing={"version": version, **decision.as_dict()})
+    routing: dict[str, Any] = {"version": version, "run": run, **decision.as_dict()}
+    if unreadable:
+        routing["unreadable_instances"] = unreadable
+    if not series:
+        routing["note"] = "no de-identified instance to route (all quarantined or failed)"
+    ctx.index.update_info(study_id, routing=routing)
     metrics.STAGE_SECONDS.labels("route").observe(time.perf_counter() - t0)
     if not decision.applicable:
         log.info("study %d version %d: no model applies", study_id, version)
+        settle(ctx, study_id)
         return
     for route in decision.routes:
         ctx.queue.enqueue(
@@ -73,8 +104,10 @@ def route_study(ctx: TaskContext, study_id: int, version: int) -> None:
                 "version": version,
                 "model": route.model,
                 "series_key": route.series_key,
+                "run": run,
             },
-            dedup_key=f"infer:{study_id}:{version}:{route.model}",
+            dedup_key=f"infer:{study_id}:{version}:{route.model}"
+            + (f":r{run}" if run > 1 else ""),
         )
         log.info(
             "study %d version %d: %s on series %s (%s)",
@@ -91,17 +124,20 @@ def _labels_only(ctx: TaskContext, study_id: int, version: int) -> bool:
     return bool(arrived) and all(is_label(ctx, sop_class, ae) for sop_class, ae in arrived)
 
 
-def infer(ctx: TaskContext, study_id: int, version: int, model: str, series_key: str) -> None:
+def infer(
+    ctx: TaskContext, study_id: int, version: int, model: str, series_key: str, run: int = 1
+) -> None:
     """Run the active version of ``model`` on one series of a study version.
 
-    A study that moved on to a later version is skipped (its own routing runs the
-    model again). A series that cannot become a volume, or a model that cannot run
-    on it, is recorded as a failed result with the reason; ONNX Runtime errors
-    raise (the job retries).
+    A study that moved on to a later version or pipeline run is skipped (its own
+    routing runs the model again). A series that cannot become a volume, or a model
+    that cannot run on it, is recorded as a refused result with the reason, once,
+    without retries; ONNX Runtime errors raise (the job retries, then dead-letters,
+    and the study ends ``failed``).
     """
     assert ctx.registry is not None and ctx.models is not None and ctx.results is not None
     study = ctx.index.study(study_id)
-    if study is None or study.version != version:
+    if study is None or study.version != version or (study.run or 1) != run:
         return
     registered = ctx.registry.active(model)
     if registered is None:
@@ -113,16 +149,21 @@ def infer(ctx: TaskContext, study_id: int, version: int, model: str, series_key:
             series_key=series_key,
             error=f"no active version of model {model}",
         )
+        settle(ctx, study_id)
         return
     t0 = time.perf_counter()
     paths = ctx.index.series_files(study_id).get(series_key, [])
     try:
-        volume = assemble_volume([_read(ctx, p, pixels=True) for p in paths])
+        datasets, unreadable = _read_series(ctx, paths, pixels=True)
+        if not datasets:
+            raise InferenceError(f"none of the series' {len(paths)} files can be read")
+        volume = assemble_volume(datasets)
         t_assembly = time.perf_counter() - t0
         runner = ctx.models.get(registered.path)
-        if volume.modality and volume.modality != runner.package.input.modality:
+        if volume.modality != runner.package.input.modality:
             raise InferenceError(
-                f"series modality {volume.modality}, model expects {runner.package.input.modality}"
+                f"series modality {volume.modality or 'missing'}, "
+                f"model expects {runner.package.input.modality}"
             )
         out = runner.run(volume.array, volume.spacing)
     except InferenceError as exc:
@@ -136,11 +177,10 @@ def infer(ctx: TaskContext, study_id: int, version: int, model: str, series_key:
         )
         ctx.index.update_info(study_id, inference_error={model: str(exc)})
         log.warning("study %d: %s cannot run: %s", study_id, model, exc)
+        settle(ctx, study_id)
         return
-    except ModelError:
-        raise
-    assert out.mask is not None or out.task != "segmentation"
     findings = [dataclasses.asdict(f) for f in out.findings]
+    grid_mask = out.mask if out.mask is not None else np.zeros(volume.shape, np.uint8)
     result = ctx.results.save(
         study_id=study_id,
         study_key=study.study_key,
@@ -148,13 +188,17 @@ def infer(ctx: TaskContext, study_id: int, version: int, model: str, series_key:
         model_name=model,
         model_version=registered.version,
         series_key=series_key,
-        mask=out.mask if out.mask is not None else volume.array[:0].astype("uint8"),
-        sop_keys=list(volume.sop_instance_uids),
+        # the mask on the series' own frames: a resampled volume's result goes back to
+        # the instances as they were sent (DESIGN.md, "Volumes from real series")
+        mask=volume.mask_on_frames(grid_mask),
+        sop_keys=list(volume.frame_refs),
         findings=_jsonable(findings),
         timings={
             "assembly_s": round(t_assembly, 4),
             **{f"{k}_s": round(v, 4) for k, v in out.seconds.items()},
             "providers": list(out.providers),
+            **({"volume_notes": list(volume.notes)} if volume.notes else {}),
+            **({"unreadable_instances": unreadable} if unreadable else {}),
         },
     )
     elapsed = time.perf_counter() - t0

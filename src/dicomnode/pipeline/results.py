@@ -18,6 +18,7 @@ import datetime as _dt
 import io
 import logging
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,8 +36,11 @@ from dicomnode.dicom.findings import (
     derived_uid,
 )
 from dicomnode.dicom.seg import SegmentSpec, build_seg
+from dicomnode.dicom.sources import sanitized_sources, surrogate_frame_of_reference
 from dicomnode.dicom.sr import build_measurement_report
-from dicomnode.errors import NodeError, ReidentificationError, SendError
+from dicomnode.dicom.volume import plan_volume
+from dicomnode.errors import InferenceError, NodeError, ReidentificationError, SendError
+from dicomnode.pipeline.outcome import record_failure, settle
 from dicomnode.scp.scu import request_commitment, send_datasets
 from dicomnode.storage.modelpkg import read_model_package
 
@@ -56,27 +60,90 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _per_label(findings: list[dict], volume_hu: np.ndarray | None = None) -> list[Finding]:
-    """Components per label -> one SR finding per label (TID 1411 is per SEG segment)."""
+def _per_label(findings: list[dict], modality: str) -> list[Finding]:
+    """Components per label -> one SR finding per label (TID 1411 is per SEG segment).
+
+    Mean intensity is reported for CT only, where its unit is HU; for MR and other
+    modalities the stored values have no standard unit, so no intensity is claimed.
+    """
     by_label: dict[int, list[dict]] = {}
     for f in findings:
         by_label.setdefault(int(f["label"]), []).append(f)
     out = []
     for label, comps in sorted(by_label.items()):
         voxels = sum(int(c["voxel_count"]) for c in comps)
+        mean = None
+        if modality == "CT":
+            mean = float(
+                sum(float(c["mean_value"]) * int(c["voxel_count"]) for c in comps)
+                / max(1, voxels)
+            )
         out.append(
             Finding(
                 label_number=label,
                 label=str(comps[0]["label_name"]),
                 volume_mm3=float(sum(float(c["volume_mm3"]) for c in comps)),
                 max_diameter_mm=float(max(float(c["max_diameter_mm"]) for c in comps)),
-                mean_intensity=float(
-                    sum(float(c["mean_value"]) * int(c["voxel_count"]) for c in comps)
-                    / max(1, voxels)
-                ),
+                mean_intensity=mean,
             )
         )
     return out
+
+
+def _safe_message(exc: BaseException) -> str:
+    """Our own messages name attributes (never values); a third-party one may quote a
+    value, so only its type and where it came from are kept."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and "/dicomnode/" in frames[-1].filename.replace("\\", "/"):
+        return f"{type(exc).__name__}: {exc}"
+    origin = frames[-1].filename.rsplit("/", 2)[-2] if frames else "?"
+    return f"{type(exc).__name__} raised in {origin}"
+
+
+def _sources(
+    ctx: TaskContext, result: Any
+) -> tuple[list[Dataset], list[int] | None, str, np.ndarray]:
+    """The sanitised source headers a result's SEG/SR are built on, its frame numbers (one
+    multi-frame source) or None, the series' modality, and the mask on those frames.
+
+    Raises
+    ------
+    InferenceError
+        The series no longer matches the frames the result was made on.
+    """
+    mask, refs = ctx.results.load_mask(result)
+    files = ctx.index.series_files(result.study_id).get(result.series_key, [])
+    headers = []
+    for path in files:
+        with open(ctx.files.path(path), "rb") as fh:
+            try:
+                headers.append(dcmread(fh, stop_before_pixels=True))
+            except Exception:  # unreadable: inference left it out the same way
+                continue
+    # The same headers give the same plan as at inference (assembly is deterministic).
+    plan = plan_volume(headers)
+    if [f.ref for f in plan.frames] != list(refs):
+        raise InferenceError(
+            "the series' frames differ from those the result was made on "
+            f"({len(plan.frames)} now, {len(refs)} then)"
+        )
+    used: list[int] = []
+    for f in plan.frames:
+        if f.dataset_index not in used:
+            used.append(f.dataset_index)
+    sanitized = sanitized_sources(
+        [headers[i] for i in used],
+        list(plan.frames),
+        slice_thickness=plan.spacing[0],
+        surrogate_frame_of_reference_uid=surrogate_frame_of_reference(plan.series_instance_uid),
+    )
+    if all(f.frame_number is None for f in plan.frames):
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in sanitized}
+        return [by_uid[f.sop_instance_uid] for f in plan.frames], None, plan.modality, mask
+    if len(sanitized) == 1:
+        numbers = [int(f.frame_number or 1) for f in plan.frames]
+        return sanitized, numbers, plan.modality, mask
+    raise InferenceError("the volume mixes multi-frame and single-frame objects")
 
 
 def destinations_for(ctx: TaskContext, study_id: int, model: str) -> list[str]:
@@ -100,14 +167,11 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
     if study is None or study.version != result.study_version:
         return  # a later version is on its way; its own result will be encoded
     t0 = time.perf_counter()
-    mask, sop_keys = ctx.results.load_mask(result)
-    files = ctx.index.series_files(result.study_id).get(result.series_key, [])
-    headers = {}
-    for path in files:
-        with open(ctx.files.path(path), "rb") as fh:
-            ds = dcmread(fh, stop_before_pixels=True)
-        headers[str(ds.SOPInstanceUID)] = ds
-    sources = [headers[k] for k in sop_keys]
+    try:
+        sources, frame_numbers, modality, mask = _sources(ctx, result)
+    except InferenceError as exc:
+        record_failure(ctx, result.study_id, result.model_name, f"results not encoded: {exc}")
+        return
     registered = ctx.registry.get(result.model_name, result.model_version)
     assert registered is not None
     pkg = read_model_package(registered.path)
@@ -151,43 +215,59 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
                 )
         return None
 
-    seg = build_seg(
-        sources,
-        mask,
-        segments,
-        algorithm,
-        device=device,
-        series_instance_uid=derived_uid("seg-series", *key),
-        sop_instance_uid=derived_uid("seg", *key),
-        series_number=_KIND_SERIES_NUMBER["SEG"],
-        series_description=f"{pkg.name} {pkg.version} segmentation",
-        supersedes=previous("SEG"),
-        content_datetime=when,
-    )
-    if rs.seg:
-        objects.append(("SEG", seg))
-    if rs.sr:
-        sr = build_measurement_report(
+    kind = "SEG"
+    try:
+        seg = build_seg(
             sources,
-            seg,
-            _per_label(result.findings),
+            mask,
+            segments,
             algorithm,
             device=device,
-            series_instance_uid=derived_uid("sr-series", *key),
-            sop_instance_uid=derived_uid("sr", *key),
-            series_number=_KIND_SERIES_NUMBER["SR"],
-            supersedes=previous("SR"),
+            series_instance_uid=derived_uid("seg-series", *key),
+            sop_instance_uid=derived_uid("seg", *key),
+            series_number=_KIND_SERIES_NUMBER["SEG"],
+            series_description=f"{pkg.name} {pkg.version} segmentation",
+            supersedes=previous("SEG"),
             content_datetime=when,
+            frame_numbers=frame_numbers,
         )
-        objects.append(("SR", sr))
+        if rs.seg:
+            objects.append(("SEG", seg))
+        if rs.sr:
+            kind = "SR"
+            sr = build_measurement_report(
+                sources,
+                seg,
+                _per_label(result.findings, modality),
+                algorithm,
+                device=device,
+                series_instance_uid=derived_uid("sr-series", *key),
+                sop_instance_uid=derived_uid("sr", *key),
+                series_number=_KIND_SERIES_NUMBER["SR"],
+                supersedes=previous("SR"),
+                content_datetime=when,
+            )
+            objects.append(("SR", sr))
+        encoded = [(k, _encode(ds)) for k, ds in objects]
+    except Exception as exc:
+        # Building is deterministic: a retry would fail the same way. Say what and why.
+        record_failure(
+            ctx,
+            result.study_id,
+            result.model_name,
+            f"{kind} cannot be encoded: {_safe_message(exc)}",
+        )
+        log.error("study %d: %s of %s cannot be encoded: %s", result.study_id, kind,
+                  result.model_name, _safe_message(exc))
+        return
     encode_s = time.perf_counter() - t0
     metrics.STAGE_SECONDS.labels("encode").observe(encode_s)
-    for kind, ds in objects:
+    for (kind, ds), (_, data) in zip(objects, encoded, strict=True):
         path = (
             f"results/{study.study_key}/{kind.lower()}-v{result.study_version}-"
             f"{result.model_name}-{result.model_version}.dcm"
         )
-        ctx.files.write(path, _encode(ds))
+        ctx.files.write(path, data)
         prev = previous(kind)
         for dest in dests:
             item, _ = ctx.outbox.add(
@@ -208,17 +288,22 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
             if item.status == "pending" and item.attempts == 0:
                 # dedup: a rerun of this task (after a crash) does not send twice
                 ctx.queue.enqueue(
-                    "send_result", {"outbox_id": item.id}, dedup_key=f"send:{item.id}:first"
+                    "send_result",
+                    {"outbox_id": item.id},
+                    dedup_key=f"send:{item.id}:first"
+                    + (f":r{study.run}" if (study.run or 1) > 1 else ""),
                 )
-    ctx.index.update_info(
-        result.study_id,
-        results={
-            "version": result.study_version,
-            "model": result.model_name,
-            "objects": [k for k, _ in objects],
-            "encode_s": round(encode_s, 3),
-        },
-    )
+    summary = {
+        "version": result.study_version,
+        "run": study.run or 1,
+        "model": result.model_name,
+        "objects": [k for k, _ in objects],
+        "destinations": dests,
+        "encode_s": round(encode_s, 3),
+    }
+    ctx.index.update_info(result.study_id, results=summary)
+    ctx.index.update_info_item(result.study_id, "encoded", result.model_name, summary)
+    settle(ctx, result.study_id)
 
 
 def _resolve(
@@ -254,6 +339,13 @@ def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
     assert study is not None
     ds = dcmread(io.BytesIO(ctx.files.read(item.path)))
     own = ctx.outbox.own_uids(item.study_id)
+    # A source series without Frame of Reference UID got a surrogate one in the SEG
+    # (dicom.sources): the object's own, like its SOP Instance UID.
+    own |= {
+        surrogate_frame_of_reference(str(e.value))
+        for e in ds.iterall()
+        if e.keyword == "SeriesInstanceUID" and e.value
+    }
     with ctx.vault.reader("reidentify", f"result:{item.kind}", study.study_key) as r:
         identity = r.identity(study.study_key)
         if identity is None:
@@ -296,6 +388,7 @@ def send_result(ctx: TaskContext, outbox_id: int) -> None:
         )
         metrics.SEND_FAILURES.labels(item.destination, "unroutable").inc()
         log.warning("outbox %d: %s has no address; not sent", item.id, item.destination)
+        settle(ctx, item.study_id)
         return
     ae_title, host, port, commitment = address
     rs = ctx.settings.results
@@ -330,6 +423,7 @@ def send_result(ctx: TaskContext, outbox_id: int) -> None:
             outbox_id=item.id,
             kind=item.kind,
         )
+        settle(ctx, item.study_id)
         return
     except NodeError as exc:
         delay = min(rs.retry_max_s, rs.retry_base_s * 2 ** (attempts - 1))
@@ -341,6 +435,7 @@ def send_result(ctx: TaskContext, outbox_id: int) -> None:
                 item.id, status="dead", attempts=attempts, last_error=str(exc), next_attempt_at=None
             )
             log.error("outbox %d dead after %d attempts: %s", item.id, attempts, exc)
+            settle(ctx, item.study_id)
             return
         ctx.outbox.update(
             item.id, attempts=attempts, last_error=str(exc), next_attempt_at=time.time() + delay
@@ -377,6 +472,7 @@ def send_result(ctx: TaskContext, outbox_id: int) -> None:
     metrics.STAGE_SECONDS.labels("send").observe(t2 - t1)
     _audit_send(ctx, item, ae_title, host, attempts)
     log.info("outbox %d: %s sent to %s", item.id, item.kind, item.destination)
+    settle(ctx, item.study_id)
 
 
 def _audit_send(

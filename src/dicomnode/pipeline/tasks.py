@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from dicomnode.config import NodeSettings
 from dicomnode.dicom.deid import Deidentifier
@@ -17,6 +18,7 @@ from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.pipeline.deid import deidentify_instance, deidentify_study
 from dicomnode.pipeline.infer import infer
 from dicomnode.pipeline.learning import ingest_label, is_label, retrain_periodic, retrain_task
+from dicomnode.pipeline.outcome import job_dead
 from dicomnode.pipeline.results import encode_results, send_result
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.labels import LabelStore
@@ -79,12 +81,24 @@ def study_complete(ctx: TaskContext, study_id: int, version: int) -> None:
 
 
 def register_tasks(registry: TaskRegistry) -> None:
-    """Register the pipeline's tasks on their queues."""
-    registry.register("study_complete", study_complete, queue="default")
+    """Register the pipeline's tasks on their queues.
+
+    The tasks that carry a study's processing record their dead letter on the study
+    (``pipeline.outcome.job_dead``), so it ends ``failed`` with the reason.
+    """
+    registry.register(
+        "study_complete", study_complete, queue="default",
+        on_dead=partial(job_dead, "study_complete"),
+    )
     registry.register("deidentify_instance", deidentify_instance, queue="ingest")
-    registry.register("deidentify_study", deidentify_study, queue="ingest")
-    registry.register("infer", infer, queue="gpu")
-    registry.register("encode_results", encode_results, queue="cpu")
+    registry.register(
+        "deidentify_study", deidentify_study, queue="ingest",
+        on_dead=partial(job_dead, "deidentify_study"),
+    )
+    registry.register("infer", infer, queue="gpu", on_dead=partial(job_dead, "infer"))
+    registry.register(
+        "encode_results", encode_results, queue="cpu", on_dead=partial(job_dead, "encode_results")
+    )
     # send_result keeps its own retry schedule on the outbox row: one attempt per job
     registry.register("send_result", send_result, queue="send", retry=RetryPolicy(max_attempts=1))
     registry.register("ingest_label", ingest_label, queue="cpu")

@@ -105,6 +105,10 @@ class Ingestor:
         """
         ts = transfer_syntax_uid
         header = scan_dataset(stream, ts)
+        # UIDs are NUL-padded to even length (PS3.5 9.1); some senders pad with a space.
+        # The dataset's are read stripped of both; compare the request's the same way.
+        affected_sop_instance_uid = affected_sop_instance_uid.strip(" \x00")
+        affected_sop_class_uid = affected_sop_class_uid.strip(" \x00")
         if header.sop_instance_uid != affected_sop_instance_uid:
             raise DatasetError(
                 "SOPInstanceUID differs from the request's Affected SOP Instance UID", status=0xC220

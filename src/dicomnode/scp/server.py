@@ -8,7 +8,7 @@ import ssl
 import time
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,6 +23,7 @@ from dicomnode.scp.handlers import (
     handle_store,
 )
 from dicomnode.scp.ingest import Ingestor
+from dicomnode.scp.sopclasses import storage_sop_classes
 
 __all__ = ["StorageServer", "server_ssl_context"]
 
@@ -126,8 +127,8 @@ class StorageServer:
         ae.require_called_aet = settings.require_called_ae
         ae.require_calling_aet = [] if settings.accept_any_ae else list(allowed_calling_aes)
         # Store bytes as sent: accept every transfer syntax, transcode nothing.
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         # Storage commitment reports for our results arrive on associations the PACS
         # opens, where it plays the SCP role of the SOP class (PS3.4 J.3.3).

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import CompletionRule
 from dicomnode.errors import StorageError
-from dicomnode.storage.models import Instance, Series, Study, StudyState
+from dicomnode.storage.models import Instance, Series, Study, StudyOutcome, StudyState
 
 __all__ = ["ReceivedInstance", "RecordOutcome", "StoredInstance", "StudyIndex", "StudySummary"]
 
@@ -94,6 +94,10 @@ class StudySummary:
     completed_reason: str | None
     patient_key: str | None
     info: dict[str, Any]
+    outcome: str = StudyOutcome.RECEIVING
+    """:class:`~dicomnode.storage.models.StudyOutcome` of the current version."""
+    outcome_reason: str | None = None
+    run: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,6 +112,9 @@ _SQL_TOUCH_STUDY = text(
     " version = CASE WHEN state = 'complete' THEN version + 1 ELSE version END,"
     " version_started_at = CASE WHEN state = 'complete' THEN :now ELSE version_started_at END,"
     " deadline_at = CASE WHEN state = 'complete' THEN :deadline ELSE deadline_at END,"
+    " outcome = CASE WHEN state = 'complete' THEN 'receiving' ELSE outcome END,"
+    " outcome_reason = CASE WHEN state = 'complete' THEN NULL ELSE outcome_reason END,"
+    " run = CASE WHEN state = 'complete' THEN 1 ELSE run END,"
     " state = 'receiving', last_received_at = :now, complete_after = :complete_after,"
     " calling_ae = :calling_ae"
     " WHERE study_key = :study_key RETURNING id, version, version_started_at"
@@ -335,6 +342,76 @@ class StudyIndex:
             study = s.execute(q).scalar_one()
             study.info = {**(study.info or {}), **values}
 
+    def update_info_item(self, study_id: int, key: str, item: str, value: Any) -> None:
+        """Set ``info[key][item] = value`` in one locked transaction (two jobs of one study,
+        e.g. two models, may record their parts at the same time)."""
+        with self.sessions.begin() as s:
+            q = select(Study).where(Study.id == study_id)
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update()
+            study = s.execute(q).scalar_one()
+            info = dict(study.info or {})
+            part = dict(info.get(key) or {})
+            part[item] = value
+            info[key] = part
+            study.info = info
+
+    def set_outcome(
+        self,
+        study_id: int,
+        version: int,
+        outcome: str,
+        reason: str | None = None,
+        *,
+        run: int | None = None,
+    ) -> bool:
+        """Record the outcome of a study version (and pipeline run, when given).
+
+        Conditional: a later version (or a later operator retry) is never overwritten
+        by the news of an earlier one, nor a study that is receiving again. Returns
+        whether the row changed.
+        """
+        conditions = [
+            Study.id == study_id,
+            Study.version == version,
+            Study.state == StudyState.COMPLETE,
+        ]
+        if run is not None:
+            conditions.append(Study.run == run)
+        with self.sessions.begin() as s:
+            changed = s.execute(
+                update(Study)
+                .where(*conditions)
+                .values(outcome=outcome, outcome_reason=reason, outcome_at=time.time())
+            ).rowcount
+        return bool(changed)
+
+    def start_retry(self, study_id: int) -> tuple[int, int] | None:
+        """Begin an operator retry: the next pipeline run of the current version.
+
+        Only a complete study in a terminal outcome can be retried. Returns
+        (version, run) of the new run, or None when the study is not retryable.
+        """
+        with self.sessions.begin() as s:
+            q = select(Study).where(Study.id == study_id)
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update()
+            study = s.execute(q).scalar_one_or_none()
+            if (
+                study is None
+                or study.state != StudyState.COMPLETE
+                or study.outcome not in StudyOutcome.TERMINAL
+            ):
+                return None
+            study.run = (study.run or 1) + 1
+            study.outcome = StudyOutcome.PROCESSING
+            study.outcome_reason = None
+            study.outcome_at = time.time()
+            info = dict(study.info or {})
+            info.pop("failures", None)
+            study.info = info
+            return study.version, study.run
+
     def instances_of_version(self, study_id: int, version: int) -> list[tuple[str, str | None]]:
         """(SOP Class UID, calling AE) of the instances that arrived in a study version."""
         with self.sessions() as s:
@@ -432,8 +509,13 @@ class StudyIndex:
             )
         return True
 
-    def expired_spool_files(self, older_than: float) -> list[tuple[int, str]]:
-        """(instance id, spool path) of kept spool files de-identified before ``older_than``."""
+    def expired_spool_files(
+        self, older_than: float, failed_older_than: float | None = None
+    ) -> list[tuple[int, str]]:
+        """(instance id, spool path) of kept spool files past their retention: de-identified
+        (or quarantined) before ``older_than``, or failed de-identification before
+        ``failed_older_than``."""
+        failed_cutoff = older_than if failed_older_than is None else failed_older_than
         with self.sessions() as s:
             return [
                 (r[0], r[1])
@@ -441,7 +523,14 @@ class StudyIndex:
                     select(Instance.id, Instance.spool_path).where(
                         Instance.spool_path.is_not(None),
                         Instance.state != "received",
-                        Instance.deidentified_at < older_than,
+                        (
+                            (Instance.state != "failed")
+                            & (Instance.deidentified_at < older_than)
+                        )
+                        | (
+                            (Instance.state == "failed")
+                            & (Instance.deidentified_at < failed_cutoff)
+                        ),
                     )
                 ).all()
             ]
@@ -511,6 +600,9 @@ class StudyIndex:
                         completed_version=version,
                         completed_at=now,
                         completed_reason=reason,
+                        outcome=StudyOutcome.PROCESSING,
+                        outcome_reason=None,
+                        outcome_at=now,
                     )
                 )
                 if getattr(res, "rowcount", 0) == 1:
@@ -610,6 +702,9 @@ class StudyIndex:
                     completed_reason=st.completed_reason,
                     patient_key=st.patient_key,
                     info=dict(st.info or {}),
+                    outcome=st.outcome,
+                    outcome_reason=st.outcome_reason,
+                    run=st.run,
                 )
                 for st in rows
             ]

@@ -32,6 +32,7 @@ __all__ = [
     "JobStatus",
     "Series",
     "Study",
+    "StudyOutcome",
     "StudyState",
     "VaultAccess",
     "VaultIdentity",
@@ -64,6 +65,30 @@ class StudyState:
     """Instances are arriving; completion is pending."""
     COMPLETE = "complete"
     """Settled; the completion hook fired (or will, exactly once) for ``completed_version``."""
+
+
+class StudyOutcome:
+    """Values of ``Study.outcome``: where the study's current version is in the pipeline.
+
+    ``receiving`` and ``processing`` are transient; the others are terminal and come
+    with ``outcome_reason``. An operator retry (``dicomnode studies retry``) or a new
+    version of the study starts ``processing`` again.
+    """
+
+    RECEIVING = "receiving"
+    PROCESSING = "processing"
+    RESULTS_SENT = "results_sent"
+    """Every result object of every model that ran was delivered."""
+    RESULTS_HELD = "results_held"
+    """Results were made and stored, but no destination has an address to send them to."""
+    NOT_APPLICABLE = "not_applicable"
+    """No routing rule chose a model; the reason gives each rule's."""
+    REFUSED = "refused"
+    """A chosen model could not run on the study (the node's own refusal, with the reason)."""
+    FAILED = "failed"
+    """An error ended the study's processing (patient-safe error text); retryable."""
+
+    TERMINAL = frozenset({RESULTS_SENT, RESULTS_HELD, NOT_APPLICABLE, REFUSED, FAILED})
 
 
 class JobStatus:
@@ -103,10 +128,24 @@ class Study(Base):
     """Pseudonymous Patient ID, once the study is de-identified."""
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """Pipeline state per step (routing decision, errors); pseudonymous values only."""
+    outcome: Mapped[str] = mapped_column(
+        String(24), default=StudyOutcome.RECEIVING, server_default=StudyOutcome.RECEIVING
+    )
+    """:class:`StudyOutcome` of the current version."""
+    outcome_reason: Mapped[str | None] = mapped_column(Text)
+    """Why the study is in its terminal outcome (names rules, models, attributes; no
+    patient data)."""
+    outcome_at: Mapped[float | None] = mapped_column(Float)
+    run: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Pipeline run of the current version: an operator retry starts the next one (its
+    jobs' dedup keys carry it)."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all")
 
-    __table_args__ = (Index("ix_study_state_due", "state", "complete_after"),)
+    __table_args__ = (
+        Index("ix_study_state_due", "state", "complete_after"),
+        Index("ix_study_outcome", "outcome"),
+    )
 
 
 class Series(Base):

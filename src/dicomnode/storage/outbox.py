@@ -56,6 +56,17 @@ class Outbox:
         with self.sessions() as s:
             return list(s.execute(q).scalars())
 
+    def for_result(self, result_id: int) -> list[OutboxItem]:
+        """The outbox items of one inference result (every kind and destination)."""
+        with self.sessions() as s:
+            return list(
+                s.execute(
+                    select(OutboxItem)
+                    .where(OutboxItem.result_id == result_id)
+                    .order_by(OutboxItem.id)
+                ).scalars()
+            )
+
     def previous(
         self, study_id: int, model_name: str, kind: str, before_version: int, destination: str
     ) -> OutboxItem | None:

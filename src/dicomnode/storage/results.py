@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.storage.models import InferenceResult
@@ -100,6 +100,21 @@ class ResultStore:
                 row.created_at = time.time()
             s.flush()
             return row
+
+    def clear_failed(self, study_id: int, study_version: int) -> int:
+        """Delete the refused (failed) results of a study version, so their models run
+        again on an operator retry; return how many."""
+        with self.sessions.begin() as s:
+            return int(
+                s.execute(
+                    delete(InferenceResult).where(
+                        InferenceResult.study_id == study_id,
+                        InferenceResult.study_version == study_version,
+                        InferenceResult.status == "failed",
+                    )
+                ).rowcount
+                or 0
+            )
 
     def get(self, result_id: int) -> InferenceResult | None:
         with self.sessions() as s:

@@ -106,6 +106,8 @@ _T_STUDY_ID = 0x00200010
 _T_STUDY_UID = 0x0020000D
 _T_SERIES_UID = 0x0020000E
 _T_SOP_UID = 0x00080018
+_NO_PATIENT_ID = "\x1fno-patient-id\x1f"
+"""Prefix of the surrogate patient key of a study sent without Patient ID."""
 _T_SOP_CLASS = 0x00080016
 _T_CHARSET = 0x00080005
 _T_STUDY_DATE = 0x00080020
@@ -294,11 +296,14 @@ class Deidentifier:
                 raise DeidentificationError(f"{keyword_for_tag(tag)} is missing or empty")
             required[tag] = value
         original = self._original_identity(ds)
-        if not (original["patient_id"] or "").strip():
-            raise DeidentificationError(
-                "PatientID is missing or empty: the patient cannot be pseudonymised consistently"
-            )
-        pk = p.patient_key(original["patient_id"], original["issuer_of_patient_id"] or "")
+        if (original["patient_id"] or "").strip():
+            pk = p.patient_key(original["patient_id"], original["issuer_of_patient_id"] or "")
+        else:
+            # Patient ID is Type 2: emergency and unidentified patients arrive without one.
+            # The study stands in for the patient (one pseudonym and date shift for all of
+            # its instances); never the name (deid.md #98: no linking on name), so two
+            # studies of an unidentified patient are not linked.
+            pk = p.patient_key(f"{_NO_PATIENT_ID}{required[_T_STUDY_UID]}", "")
         pseudonym, shift = self._patient(pk)
         walk = _Walk(
             types=iod_types_for(required[_T_SOP_CLASS]),
@@ -727,6 +732,11 @@ class Deidentifier:
         self, out: Dataset, src: Dataset, walk: _Walk, original: dict[str, Any]
     ) -> None:
         put = out._dict
+        if _T_PATIENT_ID not in put:
+            # absent in the source (Type 2 left out): the pseudonym, as for an empty one
+            put[BaseTag(_T_PATIENT_ID)] = _raw(
+                _T_PATIENT_ID, "LO", _encode_text(walk.patient_pseudonym, "LO"), None
+            )
         if _T_PATIENT_NAME not in put:
             name = self._pseudonymous_name(walk.patient_pseudonym)
             put[BaseTag(_T_PATIENT_NAME)] = _raw(

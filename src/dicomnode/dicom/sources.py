@@ -1,0 +1,164 @@
+"""Sanitised copies of source headers, for building SEG and SR objects on real data.
+
+highdicom's SEG and SR constructors copy the Patient, Study and Frame of Reference
+modules from the source images and read their geometry directly; a quirk in an
+optional (Type 2 or 3) attribute of a real header then stops the result from being
+written at all. Headers seen in real data that did this:
+
+- Type 2 attributes absent (Patient Sex, Accession Number, Study ID...);
+- Specific Character Set present but empty, or a single ``ISO 2022`` term (code
+  extensions without a second encoding, which pydicom refuses to encode);
+- Slice Thickness absent (anonymisers drop it), Pixel Measures only per frame or no
+  Shared Functional Groups Sequence at all (Enhanced MR from some vendors);
+- Image Orientation (Patient) differing in the last written decimals between slices;
+- no Frame of Reference UID.
+
+:func:`sanitized_sources` returns *copies* with those repaired from the volume's own
+geometry; the originals are never changed. What it writes into the copies (a
+surrogate Frame of Reference UID, a Slice Thickness equal to the slice spacing, one
+shared orientation) is therefore what the SEG states about its own frames; the SEG
+still references each source instance (and frame) by its UID.
+
+Pure: datasets in, datasets out.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+
+from dicomnode.dicom.findings import derived_uid
+from dicomnode.dicom.frames import Frame
+
+__all__ = ["TYPE2_SOURCE_KEYWORDS", "sanitized_sources", "surrogate_frame_of_reference"]
+
+TYPE2_SOURCE_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Type 2 attributes of the Patient and General Study modules that highdicom reads
+from the first source image (PS3.3 C.7.1.1, C.7.2.1)."""
+
+_UTF8 = "ISO_IR 192"
+_SURROGATE = "surrogate-frame-of-reference"
+
+
+def surrogate_frame_of_reference(series_instance_uid: str) -> str:
+    """The Frame of Reference UID a SEG states for a series that has none.
+
+    Derived from the Series Instance UID (a name-based UID, so every rebuild gives the
+    same one); it identifies the series' own geometry and nothing else.
+    """
+    return derived_uid(_SURROGATE, series_instance_uid)
+
+
+def _fix_character_set(ds: Dataset) -> None:
+    raw = ds.get("SpecificCharacterSet")
+    if raw is None:
+        return
+    values = [raw] if isinstance(raw, str) else list(raw)
+    values = [str(v).strip() for v in values]
+    # Decode every text value with the charset the object was written in, then say
+    # UTF-8: pydicom encodes the decoded strings in whatever the copy declares.
+    ds.decode()
+    if not any(values) or values in (["ISO_IR 6"], ["ISO 2022 IR 6"]):
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = _UTF8
+
+
+def _shared_item(ds: Dataset) -> Dataset:
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if not shared:
+        ds.SharedFunctionalGroupsSequence = [Dataset()]
+        shared = ds.SharedFunctionalGroupsSequence
+    return shared[0]
+
+
+def _fix_multi_frame(ds: Dataset, frame: Frame, slice_thickness: float) -> None:
+    """Put one Pixel Measures and one Plane Orientation item in the shared groups.
+
+    Frames of one volume share them within tolerance (checked by the volume
+    assembly); some vendors write them per frame only.
+    """
+    shared = _shared_item(ds)
+    measures = shared.get("PixelMeasuresSequence")
+    if not measures:
+        item = Dataset()
+        shared.PixelMeasuresSequence = [item]
+    else:
+        item = measures[0]
+    item.PixelSpacing = [float(v) for v in frame.pixel_spacing]
+    if not item.get("SliceThickness"):
+        item.SliceThickness = slice_thickness
+    if not shared.get("PlaneOrientationSequence"):
+        orient = Dataset()
+        orient.ImageOrientationPatient = [float(v) for v in frame.orientation]
+        shared.PlaneOrientationSequence = [orient]
+    for group in ds.get("PerFrameFunctionalGroupsSequence", []):
+        # the shared items now carry these; a per-frame copy would contradict nothing,
+        # but highdicom reads whichever it finds first
+        for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+            if keyword in group:
+                del group[keyword]
+
+
+def sanitized_sources(
+    headers: Sequence[Dataset],
+    frames: Sequence[Frame],
+    *,
+    slice_thickness: float,
+    surrogate_frame_of_reference_uid: str,
+) -> list[Dataset]:
+    """Copies of ``headers`` that highdicom can build a SEG or SR on.
+
+    Parameters
+    ----------
+    headers
+        The source datasets (Pixel Data need not be present), as in
+        ``Volume.headers``.
+    frames
+        The source frames of those datasets (``Volume.frames``); the first one gives
+        the orientation and pixel spacing written into the copies.
+    slice_thickness
+        Written where Slice Thickness is absent: the volume's slice spacing.
+    surrogate_frame_of_reference_uid
+        Written where Frame of Reference UID is absent (derive it deterministically
+        from the series, so a rebuild gives the same object).
+
+    Returns
+    -------
+    list of Dataset
+        Repaired copies, in ``headers`` order.
+    """
+    if not headers or not frames:
+        raise ValueError("headers and frames must not be empty")
+    first = frames[0]
+    out = []
+    for h in headers:
+        ds = copy.deepcopy(h)
+        _fix_character_set(ds)
+        for keyword in TYPE2_SOURCE_KEYWORDS:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if not str(ds.get("FrameOfReferenceUID", "")).strip():
+            ds.FrameOfReferenceUID = surrogate_frame_of_reference_uid
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            _fix_multi_frame(ds, first, slice_thickness)
+        else:
+            if not ds.get("SliceThickness"):
+                ds.SliceThickness = slice_thickness
+            # one orientation for the whole stack: equal within the assembly's tolerance
+            ds.ImageOrientationPatient = [float(v) for v in first.orientation]
+            ds.PixelSpacing = [float(v) for v in first.pixel_spacing]
+        out.append(ds)
+    return out
