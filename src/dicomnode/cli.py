@@ -215,13 +215,23 @@ def echo(
         raise typer.Exit(1)
 
 
-@app.command()
+studies_app = typer.Typer(
+    help="Indexed studies (pseudonymous keys): state, outcome, series, instances.",
+    invoke_without_command=True,
+)
+app.add_typer(studies_app, name="studies")
+
+
+@studies_app.callback()
 def studies(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
-    """List indexed studies (pseudonymous keys) with series / instance counts and state."""
+    """List indexed studies with series / instance counts, state and outcome."""
+    if ctx.invoked_subcommand is not None:
+        return
     settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
     from dicomnode.app import open_database
     from dicomnode.storage.index import StudyIndex
@@ -238,12 +248,30 @@ def studies(
     if not rows:
         typer.echo("no studies")
         return
-    typer.echo(f"{'ID':>4}  {'STUDY KEY':<46} {'STATE':<10} {'VER':>3} {'SER':>3} {'INST':>5}  MOD")
+    typer.echo(
+        f"{'ID':>4}  {'STUDY KEY':<46} {'STATE':<10} {'VER':>3} {'SER':>3} {'INST':>5}  "
+        f"{'MOD':<8} OUTCOME"
+    )
     for r in rows:
+        reason = f" ({r.outcome_reason})" if r.outcome_reason else ""
         typer.echo(
             f"{r.id:>4}  {r.study_key:<46} {r.state:<10} {r.version:>3} {r.series:>3} "
-            f"{r.instances:>5}  {','.join(r.modalities)}"
+            f"{r.instances:>5}  {','.join(r.modalities):<8} {r.outcome}{reason}"
         )
+
+
+@studies_app.command("retry")
+def studies_retry(
+    study_id: Annotated[int, typer.Argument(help="Study ID (from `dicomnode studies`).")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Process a study in a final outcome again (a new run of its current version; audited)."""
+    from dicomnode.api import actions
+
+    with _operator(config, data_dir) as (svc, who):
+        run = actions.retry_study(svc, study_id, who)
+    typer.echo(f"study {study_id} queued for processing again (run {run})")
 
 
 vault_app = typer.Typer(
@@ -495,9 +523,11 @@ def _operator(config: Path | None, data_dir: Path | None) -> Iterator[tuple[Any,
     _setup_logging(settings)  # the audit trail records the action
     engine, sessions = _open_node_storage(settings)
     tasks = TaskRegistry()
+    # enqueue-only: the names and queues of the tasks operator actions start
     tasks.register(
         "send_result", lambda ctx, **kw: None, queue="send", retry=RetryPolicy(max_attempts=1)
     )
+    tasks.register("study_complete", lambda ctx, **kw: None, queue="default")
     queue = create_queue(settings, sessions, tasks, workers={})
     try:
         yield (

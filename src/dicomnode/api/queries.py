@@ -212,6 +212,8 @@ def _summaries(s: Session, rows: Sequence[Study]) -> list[StudySummaryOut]:
             calling_ae=st.calling_ae, first_received_at=st.first_received_at,
             last_received_at=st.last_received_at, completed_at=st.completed_at,
             completed_reason=st.completed_reason,
+            outcome=st.outcome,  # type: ignore[arg-type]
+            outcome_reason=st.outcome_reason, run=st.run or 1,
             steps=_steps(st, inst, deid_at.get(st.id), results.get(st.id, []),
                          items.get(st.id, [])),
         ))

@@ -104,6 +104,21 @@ def api_router() -> APIRouter:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} is unknown")
         return out
 
+    @router.post("/api/studies/{study_id}/retry", response_model=StudyDetail, tags=["studies"],
+                 responses={**_NOT_FOUND, 409: {"description": "The study is not in a final "
+                                                               "outcome"}},
+                 summary="Process a study in a final outcome again (dicomnode studies retry)")
+    def retry_study(svc: Services, user: User, study_id: ItemId) -> StudyDetail:
+        try:
+            actions.retry_study(svc, study_id, user)
+        except actions.NotFound as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        except actions.ActionRefused as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        out = queries.study_detail(svc, study_id)
+        assert out is not None
+        return out
+
     @router.get("/api/outbox", response_model=OutboxList, tags=["outbox"],
                 summary="Result objects waiting for or done with delivery")
     def list_outbox(

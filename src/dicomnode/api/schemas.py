@@ -76,6 +76,14 @@ class StudySummaryOut(_Out):
     last_received_at: float
     completed_at: float | None
     completed_reason: str | None
+    outcome: Literal[
+        "receiving", "processing", "results_sent", "results_held", "not_applicable",
+        "refused", "failed",
+    ] = Field(description="Where the current version is: receiving, processing, or a final "
+                          "outcome (results_sent, results_held, not_applicable, refused, failed)")
+    outcome_reason: str | None = Field(
+        None, description="Why the study is in its final outcome (no patient data)")
+    run: int = Field(1, description="Pipeline run of the current version (operator retries)")
     steps: list[StepOut]
 
 

@@ -88,6 +88,7 @@ class ApiServices:
             # Only the name and queue matter to an enqueue-only queue.
             tasks.register("send_result", lambda ctx, **kw: None, queue="send",
                            retry=RetryPolicy(max_attempts=1))
+            tasks.register("study_complete", lambda ctx, **kw: None, queue="default")
             enqueue = LocalQueue(sessions, tasks, workers={}).enqueue
         return cls(settings=settings, sessions=sessions, files=files,
                    index=StudyIndex(sessions), outbox=Outbox(sessions),

@@ -183,6 +183,17 @@ def ui_router(auth: Authenticator) -> APIRouter:
         return page(request, user, "outbox.html", title="Outbox", outbox=listing,
                     status_filter=wanted)
 
+    @router.post("/studies/{study_id}/retry")
+    async def study_retry(request: Request, user: User, study_id: int) -> Response:
+        fields = await form(request, user)
+        try:
+            actions.retry_study(svc_of(request), study_id, user)
+        except actions.NotFound as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        except actions.ActionRefused as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return back(fields, f"/ui/studies/{study_id}", "retried", f"study {study_id}")
+
     @router.post("/outbox/{item_id}/retry")
     async def outbox_retry(request: Request, user: User, item_id: int) -> Response:
         fields = await form(request, user)

@@ -11,7 +11,9 @@ written at all. Headers seen in real data that did this:
 - Slice Thickness absent (anonymisers drop it), Pixel Measures only per frame or no
   Shared Functional Groups Sequence at all (Enhanced MR from some vendors);
 - Image Orientation (Patient) differing in the last written decimals between slices;
-- no Frame of Reference UID.
+- no Frame of Reference UID;
+- values that break their VR (a Patient's Age of ``0Y``), which highdicom copies into
+  the result, making it invalid in turn.
 
 :func:`sanitized_sources` returns *copies* with those repaired from the volume's own
 geometry; the originals are never changed. What it writes into the copies (a
@@ -27,7 +29,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.valuerep import format_number_as_ds, validate_value
 
 from dicomnode.dicom.findings import derived_uid
 from dicomnode.dicom.frames import Frame
@@ -49,6 +53,12 @@ TYPE2_SOURCE_KEYWORDS = (
 from the first source image (PS3.3 C.7.1.1, C.7.2.1)."""
 
 _UTF8 = "ISO_IR 192"
+
+
+def _ds(value: float) -> str:
+    """A Decimal String of at most 16 characters (PS3.5 6.2) for a computed number."""
+    return format_number_as_ds(float(value))
+
 _SURROGATE = "surrogate-frame-of-reference"
 
 
@@ -76,6 +86,40 @@ def _fix_character_set(ds: Dataset) -> None:
         ds.SpecificCharacterSet = _UTF8
 
 
+_CHECKED_VRS = frozenset({"AS", "DA", "DT", "TM", "DS", "IS", "UI", "CS", "AE", "SH", "LO", "PN"})
+_STUDY_KEYWORDS = frozenset(
+    {"StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+     "StudyDescription", "StudyInstanceUID"}
+)
+
+
+def _copied(elem: object) -> bool:
+    # What highdicom copies into a result: the Patient module (group 0010) and the
+    # General Study module. Geometry is not touched here (the volume assembly checked it).
+    tag = elem.tag  # type: ignore[attr-defined]
+    return tag.group == 0x0010 or elem.keyword in _STUDY_KEYWORDS  # type: ignore[attr-defined]
+
+
+def _drop_invalid_values(ds: Dataset) -> None:
+    """Remove copied values that break their VR (PS3.5 6.2); Type 2 ones are emptied.
+
+    Results are built on these copies, so an invalid value here would become an invalid
+    value in the SEG or SR the node sends.
+    """
+    for elem in list(ds):
+        if not _copied(elem) or elem.VR not in _CHECKED_VRS or elem.value in (None, ""):
+            continue
+        values = elem.value if elem.VM > 1 else [elem.value]
+        try:
+            for v in values:
+                validate_value(elem.VR, v, config.RAISE)
+        except (ValueError, TypeError):
+            if elem.keyword in TYPE2_SOURCE_KEYWORDS:
+                elem.value = ""
+            else:
+                del ds[elem.tag]
+
+
 def _shared_item(ds: Dataset) -> Dataset:
     shared = ds.get("SharedFunctionalGroupsSequence")
     if not shared:
@@ -97,12 +141,12 @@ def _fix_multi_frame(ds: Dataset, frame: Frame, slice_thickness: float) -> None:
         shared.PixelMeasuresSequence = [item]
     else:
         item = measures[0]
-    item.PixelSpacing = [float(v) for v in frame.pixel_spacing]
+    item.PixelSpacing = [_ds(v) for v in frame.pixel_spacing]
     if not item.get("SliceThickness"):
-        item.SliceThickness = slice_thickness
+        item.SliceThickness = _ds(slice_thickness)
     if not shared.get("PlaneOrientationSequence"):
         orient = Dataset()
-        orient.ImageOrientationPatient = [float(v) for v in frame.orientation]
+        orient.ImageOrientationPatient = [_ds(v) for v in frame.orientation]
         shared.PlaneOrientationSequence = [orient]
     for group in ds.get("PerFrameFunctionalGroupsSequence", []):
         # the shared items now carry these; a per-frame copy would contradict nothing,
@@ -147,6 +191,7 @@ def sanitized_sources(
     for h in headers:
         ds = copy.deepcopy(h)
         _fix_character_set(ds)
+        _drop_invalid_values(ds)
         for keyword in TYPE2_SOURCE_KEYWORDS:
             if keyword not in ds:
                 setattr(ds, keyword, "")
@@ -156,9 +201,9 @@ def sanitized_sources(
             _fix_multi_frame(ds, first, slice_thickness)
         else:
             if not ds.get("SliceThickness"):
-                ds.SliceThickness = slice_thickness
+                ds.SliceThickness = _ds(slice_thickness)
             # one orientation for the whole stack: equal within the assembly's tolerance
-            ds.ImageOrientationPatient = [float(v) for v in first.orientation]
-            ds.PixelSpacing = [float(v) for v in first.pixel_spacing]
+            ds.ImageOrientationPatient = [_ds(v) for v in first.orientation]
+            ds.PixelSpacing = [_ds(v) for v in first.pixel_spacing]
         out.append(ds)
     return out
