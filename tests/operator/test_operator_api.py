@@ -178,6 +178,37 @@ def test_outbox_retry_and_drop_do_what_the_cli_does(
     assert actions[0]["ActiveParticipant"][0]["UserID"] == f"api:{USER}"
 
 
+def test_study_retry_only_from_a_final_outcome_and_audited(
+        fresh_data: NodeData, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode.audit")
+    data = fresh_data
+    index = data.services.index
+    study = index.study(data.study_id)
+    assert study is not None and study.state == "complete"
+    with serving(data) as url, httpx.Client(base_url=url, auth=(USER, PASSWORD)) as api:
+        assert api.post("/api/studies/424242/retry").status_code == 404
+        index.set_outcome(data.study_id, study.version, "processing")
+        r = api.post(f"/api/studies/{data.study_id}/retry")
+        assert r.status_code == 409 and "processing" in r.json()["detail"]
+        assert index.set_outcome(data.study_id, study.version, "failed", "infer failed: X")
+        listed = api.get("/api/studies").json()["items"]
+        assert [(s["outcome"], s["outcome_reason"]) for s in listed
+                if s["id"] == data.study_id] == [("failed", "infer failed: X")]
+        r = api.post(f"/api/studies/{data.study_id}/retry")
+        assert r.status_code == 200, r.text
+        assert (r.json()["outcome"], r.json()["run"]) == ("processing", 2)
+    # the dead delivery is pending again, and one completion job runs the study again
+    assert data.services.outbox.get(data.dead_item).status == "pending"
+    with data.node.sessions() as s:
+        jobs = [j for j in s.execute(select(Job).where(Job.task == "study_complete")).scalars()
+                if j.dedup_key == f"study_complete:{data.study_id}:{study.version}:r2"]
+    assert len(jobs) == 1 and jobs[0].args == {"study_id": data.study_id,
+                                               "version": study.version}
+    actions = [a for a in _audit(caplog) if a["event"] == "operator_action"]
+    assert [(a["Detail"]["action"], a["Detail"]["previous_outcome"]) for a in actions] == [
+        ("study_retry", "failed")]
+
+
 # -- models -----------------------------------------------------------------------------
 
 

@@ -222,6 +222,10 @@ class BatchRun:
     spool_files: list[str] = field(default_factory=list)
     series_keys: dict[str, str] = field(default_factory=dict)
     """manifest series -> pseudonymous series key."""
+    sop_keys: dict[str, str] = field(default_factory=dict)
+    """manifest id -> pseudonymous SOP Instance UID (the index's key)."""
+    routed_series: set[str] = field(default_factory=set)
+    """Series keys a routing rule chose."""
     data_dir: Path | None = None
 
 
@@ -251,16 +255,16 @@ def run_batch(workdir: Path, batch: str, files: list[CorpusFile], *,
         t0 = time.monotonic()
         statuses = send_exact(node.port, files)
 
-        def settled() -> list[dict[str, Any]] | None:
-            studies = node.studies()
-            received = {r[0] for r in _rows(node.data_dir / "dicomnode.db",
-                                             "select count(*) from instance")}
-            if not studies or any(s["outcome"] not in TERMINAL for s in studies):
-                return None
-            return studies if received else None
+        def settled() -> bool:
+            # read-only SQLite, not the CLI: a Python start per poll would compete with
+            # the node for the CPU being measured
+            outcomes = [r[0] for r in _rows(node.data_dir / "dicomnode.db",
+                                            "select outcome from study")]
+            return bool(outcomes) and all(o in TERMINAL for o in outcomes)
 
-        studies = wait_for(settled, timeout_s, 0.5)
+        wait_for(settled, timeout_s, 0.25)
         seconds = time.monotonic() - t0
+        studies = node.studies()
     finally:
         node.stop()
     db = node.data_dir / "dicomnode.db"
@@ -274,32 +278,63 @@ def run_batch(workdir: Path, batch: str, files: list[CorpusFile], *,
     run.failed_jobs = _rows(db, "select task, last_error from job where status = 'failed'")
     run.spool_files = [str(f) for f in (node.data_dir / "spool").rglob("*") if f.is_file()]
     for f in files:
+        ds = dcmread(f.path, stop_before_pixels=True)
+        run.sop_keys[f.id] = p.uid(str(ds.SOPInstanceUID))
         if f.series not in ("", "-"):
-            uid = str(dcmread(f.path, stop_before_pixels=True).SeriesInstanceUID)
-            run.series_keys[f.series] = p.uid(uid)
+            run.series_keys[f.series] = p.uid(str(ds.SeriesInstanceUID))
+    for s in studies:
+        for route in (s["info"].get("routing") or {}).get("routes", []):
+            run.routed_series.add(route["series_key"])
     return run
 
 
+COLUMNS = ("files", "stored", "de-identified", "quarantined", "routable", "results encoded",
+           "refused with reason")
+
+
 def by_class(runs: Iterable[BatchRun]) -> dict[str, dict[str, int]]:
-    """The figures table: per input class, files and what became of them."""
-    table: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.Counter())
+    """The figures table: per input class, files and what became of them.
+
+    A file counts as routable when a rule chose its series, results encoded when a SEG
+    and SR were made for its series, refused with reason when the model refused it or
+    no rule could use it and the study says why.
+    """
+    table: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for run in runs:
-        encoded_series = {r[2] for r in run.results if r[3] == "done"}
-        refused_series = {r[2] for r in run.results if r[3] == "failed"}
+        states = {r[0]: r[1] for r in run.instances}
+        study_of = {r[0]: r[4] for r in run.instances}
+        outcome = {s["id"]: s for s in run.studies}
+        encoded = {r[2] for r in run.results if r[3] == "done"}
         for f in run.files:
             row = table[f.cls]
             row["files"] += 1
             row["stored"] += run.statuses.get(f.id, -1) == 0
-        for f in run.files:
-            row = table[f.cls]
-            key = run.series_keys.get(f.series)
-            if key is None:
-                continue
-            if key in encoded_series:
+            key = run.sop_keys.get(f.id)
+            state = states.get(key)
+            row["de-identified"] += state == "deidentified"
+            row["quarantined"] += state == "quarantined"
+            series = run.series_keys.get(f.series)
+            row["routable"] += series in run.routed_series
+            if series in encoded:
                 row["results encoded"] += 1
-            elif key in refused_series:
-                row["refused with reason"] += 1
-    return {k: dict(v) for k, v in table.items()}
+            else:
+                study = outcome.get(study_of.get(key))
+                if study and study["outcome"] in ("refused", "not_applicable") and (
+                        study["outcome_reason"]):
+                    row["refused with reason"] += 1
+    return {k: {c: int(v.get(c, 0)) for c in COLUMNS} for k, v in sorted(table.items())}
+
+
+def markdown(table: Mapping[str, Mapping[str, int]]) -> str:
+    """The table as Markdown (docs/benchmarks.md)."""
+    lines = ["| input class | " + " | ".join(COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    totals: collections.Counter[str] = collections.Counter()
+    for cls, row in table.items():
+        lines.append(f"| {cls} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+        totals.update(row)
+    lines.append("| **all** | " + " | ".join(f"**{totals[c]}**" for c in COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 def dump(path: Path, data: Mapping[str, Any]) -> None:

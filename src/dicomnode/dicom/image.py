@@ -45,7 +45,8 @@ class VoiValues(StrEnum):
     NONE = "none"
     """Stored values after the Modality LUT: what most radiograph classifiers read."""
     WINDOW = "window"
-    """The first Window Center/Width (linear), output 0..1."""
+    """The first Window Center/Width (PS3.3 C.11.2.1.2), output over the stored value range
+    (pydicom's ``apply_voi_lut``)."""
     VOI_LUT = "voi_lut"
     """The VOI LUT Sequence if present, else the first window (pydicom's ``apply_voi_lut``)."""
 

@@ -520,6 +520,8 @@ def _reference_frames(seg: Dataset, source: Dataset, frames: Sequence[Frame]) ->
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
         ref.ReferencedFrameNumber = frame.frame_number
         ref.PurposeOfReferenceCodeSequence = [purpose]
+        # the SEG frame lies exactly on its source frame (same plane, same pixel grid)
+        ref.SpatialLocationsPreserved = "YES"
         derivation = Dataset()
         derivation.DerivationCodeSequence = [
             hd.sr.CodedConcept("113076", "DCM", "Segmentation")
