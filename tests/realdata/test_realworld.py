@@ -118,3 +118,31 @@ def test_vendored_results_are_valid_dicom(vendored: list[BatchRun], tmp_path: Pa
 
 def test_shared_real_world_collection(shared: list[BatchRun]) -> None:
     _check(shared)
+
+
+def test_vendored_results_render_on_the_dashboard(vendored: list[BatchRun]) -> None:
+    """The study page's thumbnails work for results on multi-frame and resampled sources."""
+    from dicomnode.api.services import ApiServices
+    from dicomnode.api.thumbnails import render_result
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+
+    [run] = vendored
+    assert run.data_dir is not None
+    settings = load_settings(run.data_dir.parent / "node.toml")
+    engine, sessions = open_database(settings, upgrade=False)
+    try:
+        svc = ApiServices.over(settings, sessions)
+        rendered = 0
+        for study in run.studies:
+            for result in svc.results.for_study(study["id"]):
+                if result.status != "done":
+                    continue
+                planes = render_result(svc, result)
+                assert set(planes) == {"axial", "coronal", "sagittal"}
+                assert all(png.startswith(b"\x89PNG") for png in planes.values())
+                rendered += 1
+        keys = [k for r in run.results if r[3] == "done" for k in [r[2]]]
+        assert rendered == len(keys) >= 11
+    finally:
+        engine.dispose()

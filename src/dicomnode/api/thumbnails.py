@@ -182,6 +182,9 @@ def render_result(svc: ApiServices, result: InferenceResult) -> dict[Plane, byte
         raise LookupError(f"result {result.id}: the mask does not match its slice list")
     paths = {i.sop_key: i.path for i in svc.index.instances(result.study_id)
              if i.state == "deidentified"}
+    if any("#" in k for k in keys):
+        # frames of a multi-frame object (uid#frame): one file holds them all
+        return _render_multi_frame(svc, result, mask, keys, paths)
     missing = [k for k in keys if k not in paths]
     if missing:
         raise LookupError(f"{len(missing)} slice(s) of result {result.id} are not held "
@@ -216,5 +219,30 @@ def render_result(svc: ApiServices, result: InferenceResult) -> dict[Plane, byte
         "coronal": render_slice(np.stack(rows)[::-1], mask[:, i, :][::-1], aspect=dz / dx,
                                 colours=colours, window=window),
         "sagittal": render_slice(np.stack(cols)[::-1], mask[:, :, j][::-1], aspect=dz / dy,
+                                 colours=colours, window=window),
+    }
+
+
+def _render_multi_frame(svc: ApiServices, result: InferenceResult, mask: np.ndarray,
+                        keys: list[str], paths: dict[str, str]) -> dict[Plane, bytes]:
+    """:func:`render_result` for a result on the frames of one multi-frame object."""
+    import highdicom as hd
+
+    uids = {k.split("#", 1)[0] for k in keys}
+    if len(uids) != 1 or next(iter(uids)) not in paths:
+        raise LookupError(f"result {result.id}: its multi-frame source is not held "
+                          "de-identified")
+    with open(svc.files.path(paths[next(iter(uids))]), "rb") as f:
+        image = hd.Image.from_dataset(dcmread(f), copy=False)
+    slices = np.stack([image.get_frame(int(k.split("#", 1)[1]), dtype=np.float32,
+                                       apply_voi_transform=False) for k in keys])
+    probe = mask if mask.any() else np.zeros(mask.shape, np.uint8)
+    k, i, j = _pick(probe, 0), _pick(probe, 1), _pick(probe, 2)
+    colours, window = _colours_and_window(svc, result)
+    return {
+        "axial": render_slice(slices[k], mask[k], aspect=1.0, colours=colours, window=window),
+        "coronal": render_slice(slices[:, i, :][::-1], mask[:, i, :][::-1], aspect=1.0,
+                                colours=colours, window=window),
+        "sagittal": render_slice(slices[:, :, j][::-1], mask[:, :, j][::-1], aspect=1.0,
                                  colours=colours, window=window),
     }

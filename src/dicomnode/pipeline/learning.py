@@ -80,7 +80,15 @@ def _series_volume(ctx: TaskContext, study_id: int, series_key: str) -> Any:
     files = ctx.index.series_files(study_id).get(series_key, [])
     if not files:
         raise InferenceError(f"series {series_key} is not held de-identified")
-    return assemble_volume([_read(ctx, p) for p in files])
+    volume = assemble_volume([_read(ctx, p) for p in files])
+    # Labels train the node's own slice models on the volume as stored; a multi-frame
+    # source or a resampled stack would need the label carried onto the grid as well.
+    if not volume.aligned or any(f.frame_number is not None for f in volume.frames):
+        raise InferenceError(
+            f"series {series_key}: labels are taken on regular single-frame stacks only "
+            f"({'; '.join(volume.notes) or 'multi-frame source'})"
+        )
+    return volume
 
 
 def _label_numbers(segments: Iterable[Any], model_labels: Mapping[str, int]) -> dict[int, int]:
