@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dicomnode.dicom.phantom import make_ct_study  # noqa: E402
 from dicomnode.dicom.volume import assemble_volume  # noqa: E402
 from dicomnode.inference import OnnxModel, RuntimeOptions  # noqa: E402
-from dicomnode.storage.modelpkg import load_model_package  # noqa: E402
+from dicomnode.modelpkg.format1 import load_model_package  # noqa: E402
 from dicomnode.training.data import Case, phantom_cases  # noqa: E402
 from dicomnode.training.dataset import DatasetCard, StudyInfo  # noqa: E402
 from dicomnode.training.demo import DEMO_CONFIG, DEMO_CONTRACT, DEMO_LABEL  # noqa: E402

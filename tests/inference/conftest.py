@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from tinymodels import build_graph, make_contract, make_label
 
-from dicomnode.storage.modelpkg import OutputContract
-from dicomnode.storage.modelwrite import write_model_package
+from dicomnode.modelpkg.format1 import OutputContract
+from dicomnode.modelpkg.write import write_model_package
 
 PackageFactory = Callable[..., Path]
 

@@ -13,7 +13,7 @@ from dicomnode.inference.postprocess import (
     find_components,
     max_diameter,
 )
-from dicomnode.storage.modelpkg import OutputContract
+from dicomnode.modelpkg.format1 import OutputContract
 
 
 def _outputs(n: int, activation: str = "sigmoid", kind: str = "logits") -> OutputContract:

@@ -170,7 +170,7 @@ def test_load_refuses_a_graph_mismatch(make_package) -> None:
 
 
 def test_load_refuses_a_changed_file(make_package) -> None:
-    from dicomnode.storage.modelpkg import read_model_package
+    from dicomnode.modelpkg.format1 import read_model_package
 
     pkg_dir = make_package()
     pkg = read_model_package(pkg_dir)
@@ -187,7 +187,7 @@ def test_sessions_one_per_version(make_package) -> None:
     # A rebuilt package with the same name/version but other weights gets its own session.
     (pkg_dir / "model.onnx").write_bytes(build_graph(biases=[1.0]))
     toml = pkg_dir / "model.toml"
-    from dicomnode.storage.modelpkg import sha256_of
+    from dicomnode.modelpkg.format1 import sha256_of
 
     toml.write_text(
         toml.read_text().replace(first.package.sha256, sha256_of(pkg_dir / "model.onnx"))

@@ -12,14 +12,14 @@ from tinymodels import build_graph
 
 from dicomnode.errors import ModelLoadError
 from dicomnode.inference.package import load_model_package, read_model_package
-from dicomnode.storage.modelgraph import (
+from dicomnode.modelpkg.format1 import parse_model_toml
+from dicomnode.modelpkg.graph import (
     GraphSignature,
     TensorInfo,
     check_against_graph,
     read_graph_signature,
 )
-from dicomnode.storage.modelpkg import parse_model_toml
-from dicomnode.storage.modelwrite import render_model_toml
+from dicomnode.modelpkg.write import render_model_toml
 
 
 def _edit(pkg_dir: Path, old: str, new: str) -> None:

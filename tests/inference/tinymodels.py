@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dicomnode.storage.modelpkg import (
+from dicomnode.modelpkg.format1 import (
     Code,
     InputContract,
     Label,

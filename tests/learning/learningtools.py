@@ -19,7 +19,7 @@ import numpy as np
 from dicomnode.dicom.phantom import make_ct_study
 from dicomnode.dicom.volume import assemble_volume
 from dicomnode.inference.runtime import OnnxModel
-from dicomnode.storage.modelpkg import load_model_package
+from dicomnode.modelpkg.format1 import load_model_package
 from dicomnode.training.data import Case
 from dicomnode.training.dataset import DatasetCard, StudyInfo
 from dicomnode.training.evaluate import Predictor

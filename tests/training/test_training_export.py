@@ -10,7 +10,7 @@ import torch
 
 from dicomnode.errors import ModelError
 from dicomnode.inference.runtime import OnnxModel
-from dicomnode.storage.modelpkg import Code, InputContract, Label, Normalization, load_model_package
+from dicomnode.modelpkg.format1 import Code, InputContract, Label, Normalization, load_model_package
 from dicomnode.training import export
 from dicomnode.training.unet import UNet2d
 

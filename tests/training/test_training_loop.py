@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dicomnode.inference.runtime import OnnxModel
-from dicomnode.storage.modelpkg import Code, InputContract, Label, Normalization, load_model_package
+from dicomnode.modelpkg.format1 import Code, InputContract, Label, Normalization, load_model_package
 from dicomnode.training.data import Case, PatchDataset, phantom_cases, prepare_cases
 from dicomnode.training.evaluate import dice, evaluate
 from dicomnode.training.train import TrainConfig, load_checkpoint, train, train_package

@@ -42,7 +42,7 @@ from dicomnode.api.schemas import (
     TrainingRunOut,
 )
 from dicomnode.api.services import ApiServices
-from dicomnode.storage.modelpkg import read_model_package
+from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.storage.models import (
     DriftRecord,
     InferenceResult,

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from dicomnode.api.services import ApiServices
-from dicomnode.storage.modelpkg import read_model_package
+from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.storage.models import InferenceResult
 
 __all__ = ["Plane", "render_plane", "render_result", "render_slice"]

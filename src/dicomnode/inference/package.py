@@ -1,4 +1,4 @@
-"""Model packages for serving: the format lives in :mod:`dicomnode.storage.modelpkg`.
+"""Model packages for serving: the format lives in :mod:`dicomnode.modelpkg.format1`.
 
 The format (``model.toml`` + ``model.onnx``, checks against the graph) is shared
 with :mod:`dicomnode.training`, which may not import this package; this module
@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from dicomnode.storage.modelpkg import (
+from dicomnode.modelpkg.format1 import (
     Code,
     InputContract,
     Label,

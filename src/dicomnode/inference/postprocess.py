@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicomnode.storage.modelpkg import OutputContract
+from dicomnode.modelpkg.format1 import OutputContract
 
 __all__ = [
     "Finding",

@@ -1,7 +1,7 @@
 """Volume → network input, batch by batch, per a package's input contract.
 
 The steps, per slice (the contract's meaning is defined once, in
-:mod:`dicomnode.storage.modelpkg`, and shared with training):
+:mod:`dicomnode.modelpkg.format1`, and shared with training):
 
 1. resample in-plane (linear) to ``spacing_mm`` unless it is ``"native"``;
 2. pad/crop (centred) to ``size``, or pad up to a multiple of ``size_multiple``,
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicomnode.errors import InferenceError
-from dicomnode.storage.modelgrid import SliceGeometry, plan_geometry, to_model_grid
-from dicomnode.storage.modelpkg import InputContract
+from dicomnode.modelpkg.format1 import InputContract
+from dicomnode.modelpkg.grid import SliceGeometry, plan_geometry, to_model_grid
 
 __all__ = ["PreparedVolume", "check_modality", "check_volume", "prepare"]
 

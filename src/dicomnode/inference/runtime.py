@@ -29,9 +29,9 @@ import numpy as np
 from dicomnode.errors import ModelError, ModelLoadError
 from dicomnode.inference.postprocess import Finding, activate, assign_labels, find_components
 from dicomnode.inference.preprocess import prepare
-from dicomnode.storage.modelgraph import GraphSignature, check_against_graph
-from dicomnode.storage.modelgrid import from_model_grid
-from dicomnode.storage.modelpkg import ModelPackage, read_model_package
+from dicomnode.modelpkg.format1 import ModelPackage, read_model_package
+from dicomnode.modelpkg.graph import GraphSignature, check_against_graph
+from dicomnode.modelpkg.grid import from_model_grid
 
 __all__ = [
     "InferenceOutput",

@@ -28,7 +28,7 @@ from dicomnode.dicom.volume import assemble_volume
 from dicomnode.errors import DatasetError, InferenceError, NodeError
 from dicomnode.inference import OnnxModel
 from dicomnode.jobs.local import describe_error
-from dicomnode.storage.modelpkg import read_model_package
+from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.training.dataset import DatasetCard, StudyInfo
 from dicomnode.training.labels import assess_annotations, dice_per_label
 

@@ -40,9 +40,9 @@ from dicomnode.dicom.sources import sanitized_sources, surrogate_frame_of_refere
 from dicomnode.dicom.sr import build_measurement_report
 from dicomnode.dicom.volume import plan_volume
 from dicomnode.errors import InferenceError, NodeError, ReidentificationError, SendError
+from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.pipeline.outcome import record_failure, settle
 from dicomnode.scp.scu import request_commitment, send_datasets
-from dicomnode.storage.modelpkg import read_model_package
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.tasks import TaskContext

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import audit
 from dicomnode.errors import ModelError
-from dicomnode.storage.modelpkg import read_model_package
+from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.storage.models import ModelVersion
 
 __all__ = ["ModelRegistry", "RegisteredModel"]

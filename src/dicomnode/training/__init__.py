@@ -2,7 +2,7 @@
 
 The training loop imports torch (the ``[train]`` extra); the serving side never imports
 this package for inference. The package format is shared through
-:mod:`dicomnode.storage.modelpkg`.
+:mod:`dicomnode.modelpkg.format1`.
 
 ::
 

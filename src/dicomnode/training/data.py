@@ -3,7 +3,7 @@
 Cases come from the phantom generator (:func:`phantom_cases`) or from anywhere
 else, e.g. studies with radiologist-corrected SEGs, as :class:`Case` objects.
 Slices are prepared with the same contract functions the runtime uses
-(:mod:`dicomnode.storage.modelpkg`), so a model sees in training exactly what it
+(:mod:`dicomnode.modelpkg.format1`), so a model sees in training exactly what it
 will see when served.
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dicomnode.dicom.phantom import make_ct_study
-from dicomnode.storage.modelgrid import plan_geometry, to_model_grid
-from dicomnode.storage.modelpkg import InputContract
+from dicomnode.modelpkg.format1 import InputContract
+from dicomnode.modelpkg.grid import plan_geometry, to_model_grid
 
 __all__ = ["Case", "PatchDataset", "PreparedCases", "phantom_cases", "prepare_cases"]
 

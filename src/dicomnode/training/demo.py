@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.storage.modelgrid import from_model_grid, plan_geometry
-from dicomnode.storage.modelpkg import (
+from dicomnode.modelpkg.format1 import (
     Code,
     InputContract,
     Label,
     ModelPackage,
     Normalization,
 )
+from dicomnode.modelpkg.grid import from_model_grid, plan_geometry
 from dicomnode.training.data import Case, phantom_cases, prepare_cases
 from dicomnode.training.evaluate import dice
 from dicomnode.training.train import TrainConfig, TrainResult, train_package

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from dicomnode.errors import ModelError
-from dicomnode.storage.modelgraph import cpu_session
-from dicomnode.storage.modelpkg import (
+from dicomnode.modelpkg.format1 import (
     InputContract,
     Label,
     ModelPackage,
     OutputContract,
     load_model_package,
 )
-from dicomnode.storage.modelwrite import write_model_package
+from dicomnode.modelpkg.graph import cpu_session
+from dicomnode.modelpkg.write import write_model_package
 from dicomnode.training.unet import UNet2d
 
 __all__ = ["export_onnx", "export_package", "max_abs_difference"]
@@ -137,7 +137,7 @@ def export_package(
     Returns
     -------
     ModelPackage
-        As :func:`~dicomnode.storage.modelpkg.load_model_package` reads it back
+        As :func:`~dicomnode.modelpkg.format1.load_model_package` reads it back
         (graph checked).
 
     Raises

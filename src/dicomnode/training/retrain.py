@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from dicomnode.storage.modelpkg import InputContract, Label
+from dicomnode.modelpkg.format1 import InputContract, Label
 from dicomnode.training.data import Case
 from dicomnode.training.dataset import (
     SPLITS,

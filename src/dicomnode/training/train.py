@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dicomnode.storage.modelpkg import InputContract, Label, ModelPackage
+from dicomnode.modelpkg.format1 import InputContract, Label, ModelPackage
 from dicomnode.training.data import Case, PatchDataset, PreparedCases, prepare_cases
 from dicomnode.training.unet import UNet2d
 

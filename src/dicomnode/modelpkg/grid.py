@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicomnode.storage.modelpkg import InputContract
+from dicomnode.modelpkg.format1 import InputContract
 
 __all__ = ["SliceGeometry", "from_model_grid", "plan_geometry", "resample_plane", "to_model_grid"]
 

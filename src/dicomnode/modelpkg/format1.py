@@ -52,8 +52,8 @@ prepare slices exactly as the runtime does and ``dicomnode.training`` may not
 import ``dicomnode.inference``: both import this module.
 
 The graph side (reading an ONNX graph's signature and checking it against
-``model.toml``) is :mod:`dicomnode.storage.modelgraph`; writing packages is
-:mod:`dicomnode.storage.modelwrite`.
+``model.toml``) is :mod:`dicomnode.modelpkg.graph`; writing packages is
+:mod:`dicomnode.modelpkg.write`.
 """
 
 from __future__ import annotations
@@ -636,7 +636,7 @@ def load_model_package(path: Path | str) -> ModelPackage:
         Neither onnxruntime nor onnx is installed.
     """
     # modelgraph imports this module, so it is imported here, when a package is loaded
-    from dicomnode.storage.modelgraph import check_against_graph, read_graph_signature
+    from dicomnode.modelpkg.graph import check_against_graph, read_graph_signature
 
     pkg = read_model_package(path)
     check_against_graph(pkg, read_graph_signature(pkg.read_onnx_bytes()))

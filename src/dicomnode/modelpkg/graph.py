@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.errors import ModelError, ModelLoadError
-from dicomnode.storage.modelpkg import ModelPackage
+from dicomnode.modelpkg.format1 import ModelPackage
 
 __all__ = [
     "GraphSignature",

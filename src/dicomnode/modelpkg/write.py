@@ -1,6 +1,6 @@
 """Writing model packages: ``model.toml`` text from contracts, and the package directory.
 
-The inverse of :func:`dicomnode.storage.modelpkg.parse_model_toml`; what is written is
+The inverse of :func:`dicomnode.modelpkg.format1.parse_model_toml`; what is written is
 read back before it is kept.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from dicomnode.storage.modelpkg import (
+from dicomnode.modelpkg.format1 import (
     FORMAT_VERSION,
     Code,
     InputContract,
