@@ -38,6 +38,7 @@ __all__ = [
     "ModelSessions",
     "OnnxModel",
     "RuntimeOptions",
+    "create_session",
     "import_onnxruntime",
     "resolve_providers",
 ]
@@ -127,6 +128,29 @@ def resolve_providers(
     return list(setting)
 
 
+def create_session(model: bytes, options: RuntimeOptions, what: str) -> Any:
+    """An ONNX Runtime session over ``model`` with the node's providers and threads.
+
+    Raises
+    ------
+    ModelLoadError
+        onnxruntime cannot load the bytes (``what`` names them).
+    ModelError
+        onnxruntime is missing or a provider is unavailable.
+    """
+    ort = import_onnxruntime()
+    providers = resolve_providers(options.providers, ort.get_available_providers())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # ORT's own warnings go to stderr, not to our logs
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime's exceptions have no useful common base
+        raise ModelLoadError(f"{what}: onnxruntime cannot load it: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class InferenceOutput:
     """What one run produced, on the volume's original (z, y, x) grid."""
@@ -187,20 +211,11 @@ class OnnxModel:
         """
         options = options or RuntimeOptions()
         pkg = package if isinstance(package, ModelPackage) else read_model_package(package)
-        ort = import_onnxruntime()
-        providers = resolve_providers(options.providers, ort.get_available_providers())
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # ORT's own warnings go to stderr, not to our logs
+        if not isinstance(pkg, ModelPackage):
+            raise ModelLoadError(f"{pkg.source}: a format {pkg.format} package; OnnxModel "
+                                 "runs format 1 (see inference.sliding)")
         model_bytes = pkg.read_onnx_bytes()  # re-checks sha256 against what we load
-        try:
-            session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
-        except Exception as exc:  # onnxruntime's exceptions have no useful common base
-            raise ModelLoadError(
-                f"model.onnx: onnxruntime cannot load it: {exc} (package: {pkg.source})"
-            ) from exc
+        session = create_session(model_bytes, options, f"model.onnx (package: {pkg.source})")
         check_against_graph(pkg, GraphSignature.from_session(session))
         return cls(pkg, session)
 

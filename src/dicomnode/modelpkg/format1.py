@@ -67,11 +67,14 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from dicomnode.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from dicomnode.modelpkg.format2 import ModelPackage2
 
 __all__ = [
     "FORMAT_VERSION",
@@ -410,6 +413,42 @@ def _is_num(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _parse_label(f: _Fields, i: int, item: object) -> Label:
+    """``labels[i]`` of an outputs table: numbered ``i + 1`` (channel order = label order)."""
+    if not isinstance(item, dict):
+        raise f.error(f"labels[{i}]", "expected a table")
+    lf = _Fields(item, f"{f.prefix}labels[{i}].", f.where)
+    number = lf.get("number", int)
+    if number != i + 1:
+        # Channel order = label order, and SEG segment numbers start at 1 and increase
+        # by 1 (PS3.3 C.8.20.2), so the numbers carry no extra freedom.
+        raise lf.error(
+            "number",
+            f"labels must be numbered 1, 2, ... in order; expected {i + 1}, got {number}",
+        )
+    lname = lf.get("name", str)
+    if not lname.strip() or len(lname) > 64:
+        raise lf.error("name", "must be 1-64 characters (SEG Segment Label is LO)")
+    color = lf.get("color", list)
+    if len(color) != 3 or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color
+    ):
+        raise lf.error("color", f"expected 3 integers 0-255 (RGB), got {color!r}")
+    threshold = float(lf.get("threshold", (int, float), 0.5))
+    if not 0.0 < threshold < 1.0:
+        raise lf.error("threshold", f"must be strictly between 0 and 1, got {threshold}")
+    label = Label(
+        number,
+        lname,
+        _code(lf, "category"),
+        _code(lf, "type"),
+        (color[0], color[1], color[2]),
+        threshold,
+    )
+    lf.done()
+    return label
+
+
 def _parse_outputs(f: _Fields) -> OutputContract:
     name = f.get("name", str)
     kind = f.choice("kind", ("logits", "probabilities"))
@@ -422,41 +461,7 @@ def _parse_outputs(f: _Fields) -> OutputContract:
         raise f.error("labels", "at least one label is required")
     if len(raw) > 255:
         raise f.error("labels", f"at most 255 labels fit a uint8 label mask, got {len(raw)}")
-    labels = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise f.error(f"labels[{i}]", "expected a table")
-        lf = _Fields(item, f"{f.prefix}labels[{i}].", f.where)
-        number = lf.get("number", int)
-        if number != i + 1:
-            # Channel order = label order, and SEG segment numbers start at 1 and increase
-            # by 1 (PS3.3 C.8.20.2), so the numbers carry no extra freedom.
-            raise lf.error(
-                "number",
-                f"labels must be numbered 1, 2, ... in order; expected {i + 1}, got {number}",
-            )
-        lname = lf.get("name", str)
-        if not lname.strip() or len(lname) > 64:
-            raise lf.error("name", "must be 1-64 characters (SEG Segment Label is LO)")
-        color = lf.get("color", list)
-        if len(color) != 3 or not all(
-            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color
-        ):
-            raise lf.error("color", f"expected 3 integers 0-255 (RGB), got {color!r}")
-        threshold = float(lf.get("threshold", (int, float), 0.5))
-        if not 0.0 < threshold < 1.0:
-            raise lf.error("threshold", f"must be strictly between 0 and 1, got {threshold}")
-        labels.append(
-            Label(
-                number,
-                lname,
-                _code(lf, "category"),
-                _code(lf, "type"),
-                (color[0], color[1], color[2]),
-                threshold,
-            )
-        )
-        lf.done()
+    labels = [_parse_label(f, i, item) for i, item in enumerate(raw)]
     f.done()
     names = [lb.name for lb in labels]
     if len(set(names)) != len(names):
@@ -571,7 +576,41 @@ def sha256_of(data: bytes | Path) -> str:
     return h.hexdigest()
 
 
-def read_model_package(path: Path | str) -> ModelPackage:
+def _format_of(path: Path) -> int:
+    try:
+        data = _parse_toml((path / "model.toml").read_text(encoding="utf-8"), path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"model.toml: cannot read: {exc} (package: {path})") from exc
+    fmt = data.get("format", FORMAT_VERSION)
+    if fmt not in (1, 2) or isinstance(fmt, bool):
+        raise ModelLoadError(f"model.toml: format: this node reads formats 1 and 2, got {fmt!r} "
+                             f"(package: {path})")
+    return int(fmt)
+
+
+def _read_format2(path: Path) -> ModelPackage2:
+    from dicomnode.modelpkg.format2 import ModelPackage2, parse_format2
+
+    text = (path / "model.toml").read_text(encoding="utf-8")
+    fields = parse_format2(_Fields(_parse_toml(text, path), "", path), path)
+    for i, member in enumerate(fields["members"]):
+        file = path / member.file
+        if not file.is_file():
+            raise ModelLoadError(f"{member.file}: missing (package: {path})")
+        actual = sha256_of(file)
+        if actual != member.sha256:
+            raise ModelLoadError(
+                f"model.toml: members[{i}].sha256: declared {member.sha256[:12]}..., "
+                f"{member.file} has {actual[:12]}... (package: {path})"
+            )
+    for i, case in enumerate(fields["golden"]):
+        if not (path / case.file).is_file():
+            raise ModelLoadError(f"model.toml: validation.cases[{i}].file: {case.file} is "
+                                 f"missing (package: {path})")
+    return ModelPackage2(source=path, **fields)
+
+
+def read_model_package(path: Path | str) -> ModelPackage | ModelPackage2:
     """Read a package and check ``model.toml`` and the checksum, not the graph.
 
     Parameters
@@ -587,6 +626,10 @@ def read_model_package(path: Path | str) -> ModelPackage:
     """
     path = Path(path)
     onnx_member = None
+    if path.is_dir() and (path / "model.toml").is_file():
+        fmt = _format_of(path)
+        if fmt == 2:
+            return _read_format2(path)
     if path.is_dir():
         toml_file, onnx_file = path / "model.toml", path / "model.onnx"
         for f in (toml_file, onnx_file):
@@ -615,7 +658,7 @@ def read_model_package(path: Path | str) -> ModelPackage:
     return ModelPackage(source=path, onnx_member=onnx_member, **fields)
 
 
-def load_model_package(path: Path | str) -> ModelPackage:
+def load_model_package(path: Path | str) -> ModelPackage | ModelPackage2:
     """Read a package and check it completely: ``model.toml``, checksum and graph.
 
     Parameters
@@ -639,5 +682,11 @@ def load_model_package(path: Path | str) -> ModelPackage:
     from dicomnode.modelpkg.graph import check_against_graph, read_graph_signature
 
     pkg = read_model_package(path)
-    check_against_graph(pkg, read_graph_signature(pkg.read_onnx_bytes()))
+    if isinstance(pkg, ModelPackage):
+        check_against_graph(pkg, read_graph_signature(pkg.read_onnx_bytes()))
+    else:
+        from dicomnode.modelpkg.graph import check_format2_against_graph
+
+        for i in range(len(pkg.members)):
+            check_format2_against_graph(pkg, i, read_graph_signature(pkg.member_bytes(i)))
     return pkg

@@ -14,11 +14,13 @@ from typing import Any
 
 from dicomnode.errors import ModelError, ModelLoadError
 from dicomnode.modelpkg.format1 import ModelPackage
+from dicomnode.modelpkg.format2 import ModelPackage2
 
 __all__ = [
     "GraphSignature",
     "TensorInfo",
     "check_against_graph",
+    "check_format2_against_graph",
     "cpu_session",
     "read_graph_signature",
 ]
@@ -214,3 +216,58 @@ def check_against_graph(pkg: ModelPackage, graph: GraphSignature) -> None:
 
 def _shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_format2_against_graph(pkg: ModelPackage2, index: int, graph: GraphSignature) -> None:
+    """Check member ``index`` of a format 2 package against its graph.
+
+    The graph must take exactly one float32 input ``[batch, channels, *patch]`` and give
+    an output ``[batch, output channels, *patch]`` (sliding window) or ``[batch, output
+    channels]`` (classification), all dimensions static: each new shape costs ONNX
+    Runtime a kernel search on GPUs (microsoft/onnxruntime#6978), so the runtime feeds
+    exactly this shape, padding the last batch.
+
+    Raises
+    ------
+    ModelLoadError
+        Naming the member and what disagrees (actual vs expected).
+    """
+    member = pkg.members[index].file
+    where = f"(package: {pkg.source})"
+    inp = pkg.input
+    spec = pkg.inference
+    expected_in = (spec.batch, inp.channels, *spec.patch)
+    inputs = {t.name: t for t in graph.inputs}
+    if inp.name not in inputs or len(graph.inputs) != 1:
+        raise ModelLoadError(
+            f"{member}: expected one input named {inp.name!r}, the graph has "
+            f"{sorted(inputs)} {where}"
+        )
+    t = inputs[inp.name]
+    if t.dtype != "float32":
+        raise ModelLoadError(f"{member}: input {t.name} is {t.dtype}, expected float32 {where}")
+    if tuple(t.shape) != expected_in:
+        raise ModelLoadError(
+            f"{member}: input {t.name} has shape [{_shape(t.shape)}], expected static "
+            f"[{_shape(expected_in)}] (inference.batch, input.channels, inference.patch) {where}"
+        )
+    outputs = {o.name: o for o in graph.outputs}
+    out = pkg.outputs
+    if out.name not in outputs:
+        raise ModelLoadError(
+            f"{member}: no output named {out.name!r} (graph outputs: {sorted(outputs)}; an "
+            f"nnU-Net network exported with deep supervision has several) {where}"
+        )
+    o = outputs[out.name]
+    if o.dtype not in ("float32", "float16"):
+        raise ModelLoadError(f"{member}: output {o.name} is {o.dtype}, expected float {where}")
+    expected_out: tuple[int, ...] = (
+        (spec.batch, out.channels) if pkg.task == "classification"
+        else (spec.batch, out.channels, *spec.patch)
+    )
+    if tuple(o.shape) != expected_out:
+        raise ModelLoadError(
+            f"{member}: output {o.name} has shape [{_shape(o.shape)}], expected "
+            f"[{_shape(expected_out)}] (batch, channels of outputs.labels/regions, patch) "
+            f"{where}"
+        )

@@ -166,3 +166,74 @@ def write_model_package(
         tmp.write_bytes(data)
         tmp.replace(directory / fname)
     return read_model_package(directory)
+
+
+def render_toml_document(doc: Mapping[str, Any]) -> str:
+    """TOML text for a nested mapping: scalars, arrays and inline tables at the top of each
+    table, sub-tables as ``[a.b]``, lists of tables as ``[[a.b]]``."""
+
+    def emit(table: Mapping[str, Any], prefix: str, out: list[str]) -> None:
+        subs, arrays = [], []
+        for key, value in table.items():
+            if isinstance(value, Mapping) and prefix == "" or (
+                isinstance(value, Mapping) and any(isinstance(v, Mapping | list)
+                                                   for v in value.values())
+            ):
+                subs.append((key, value))
+            elif (isinstance(value, list | tuple) and value
+                  and all(isinstance(v, Mapping) for v in value) and prefix != ""
+                  and key in ("labels", "cases")):
+                arrays.append((key, value))
+            else:
+                out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        for key, value in subs:
+            name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+            out.append("")
+            out.append(f"[{name}]")
+            emit(value, name, out)
+        for key, items in arrays:
+            name = f"{prefix}.{_toml_key(key)}"
+            for item in items:
+                out.append("")
+                out.append(f"[[{name}]]")
+                emit(item, name, out)
+
+    lines: list[str] = []
+    emit(doc, "", lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def write_format2_package(
+    directory: Path | str,
+    members: Mapping[str, bytes],
+    document: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Any:
+    """Write a format 2 package: ``members`` (file name -> ONNX bytes), golden cases and
+    other ``extra_files`` (relative name -> bytes), and ``model.toml`` from ``document``
+    (the TOML as a mapping, without ``format`` and ``members``, which are filled in).
+
+    Returns the package as read back (:class:`~dicomnode.modelpkg.format2.ModelPackage2`).
+
+    Raises
+    ------
+    ModelLoadError
+        The document does not make a valid format 2 ``model.toml``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"format": 2}
+    doc.update({k: v for k, v in document.items() if k in ("name", "version", "task",
+                                                              "description")})
+    doc["members"] = [{"file": name, "sha256": sha256_of(data)} for name, data in members.items()]
+    doc.update({k: v for k, v in document.items() if k not in doc})
+    text = render_toml_document(doc)
+    files = {**members, **(extra_files or {}), "model.toml": text.encode("utf-8")}
+    for fname, data in files.items():
+        target = directory / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return read_model_package(directory)
