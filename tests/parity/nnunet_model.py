@@ -9,7 +9,6 @@ package the node runs; the parity tests compare the two on the same volumes.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 
 def plans(*, patch: tuple[int, int, int], spacing: tuple[float, float, float],
-          transpose_forward: tuple[int, int, int] = (0, 1, 2), normalization: str = "CTNormalization",
+          transpose_forward: tuple[int, int, int] = (0, 1, 2),
+          normalization: str = "CTNormalization",
           use_mask_for_norm: bool = False, intensity: dict[str, float] | None = None,
           features: tuple[int, ...] = (8, 16, 32)) -> dict[str, Any]:
     """A plans.json for one 3d_fullres configuration (the keys nnU-Net reads)."""
@@ -119,7 +119,6 @@ def write_model_folder(root: Path, plan: dict[str, Any], *, folds: int = 2,
 
 def onnx_bytes(net: torch.nn.Module, batch: int, patch: tuple[int, int, int]) -> bytes:
     """The network as ONNX with the static input [batch, 1, *patch]."""
-    buf = io.BytesIO()
-    torch.onnx.export(net, torch.zeros(batch, 1, *patch), buf, input_names=["input"],
-                      output_names=["logits"], opset_version=17, dynamo=False)
-    return buf.getvalue()
+    from dicomnode.training.export import export_static
+
+    return export_static(net, (batch, 1, *patch))

@@ -171,8 +171,8 @@ class SlidingOutput:
     """What was run: shapes, windows, passes, estimated peak bytes (for logs and benchmarks)."""
     logits: np.ndarray | None = field(default=None, repr=False)
     """With ``keep_logits``: (C, z, y, x) values resampled back (logits, or probabilities
-    for ``resample_back = "probabilities"``), 0 outside the cropped box. For parity tests
-    and small volumes only: this is the array streaming avoids."""
+    for ``resample_back = "probabilities"``); background outside the cropped box. For
+    parity tests and small volumes only: this is the array streaming avoids."""
 
 
 class SlidingWindowModel:
@@ -445,8 +445,14 @@ class _Back:
         self.u0 = prep.unpad[0] if len(prep.unpad) == 3 else prep.unpad[-3]
         self.network: OrderedDict[int, np.ndarray] = OrderedDict()
         self.next_out = 0
-        self.kept = (np.zeros((self.outputs.channels, *prep.reoriented_shape), np.float32)
-                     if keep and self.mode != "labels" else None)
+        self.kept = None
+        if keep and self.mode != "labels":
+            # outside the cropped box every voxel is background, as nnU-Net reverts it
+            probs = self.mode == "probabilities"
+            self.kept = np.full((self.outputs.channels, *prep.reoriented_shape),
+                                0.0 if probs else -1e4, np.float32)
+            if self.outputs.activation == "softmax":
+                self.kept[0] = 1.0 if probs else 0.0
 
     def _inplane(self, plane: np.ndarray) -> np.ndarray:
         """(C, n1, n2) network plane -> (C, m1, m2) on the cropped grid, as the mode needs."""

@@ -49,8 +49,24 @@ def export_onnx(
     """
     model = model.cpu().eval()
     dummy = torch.zeros(2, 1, *size)
-    buf = io.BytesIO()
     dyn = {0: "batch", 2: "height", 3: "width"}
+    return _export(model, dummy, input_name, output_name, {input_name: dyn, output_name: dyn})
+
+
+def export_static(model: Any, input_shape: tuple[int, ...], *, input_name: str = "input",
+                  output_name: str = "logits") -> bytes:
+    """Serialise ``model`` (eval mode, CPU) to ONNX bytes with every dimension static.
+
+    Format 2 packages feed exactly ``[batch, channels, *patch]``: each new input shape
+    costs ONNX Runtime a kernel search on GPUs (microsoft/onnxruntime#6978).
+    """
+    model = model.cpu().eval()
+    return _export(model, torch.zeros(*input_shape), input_name, output_name, None)
+
+
+def _export(model: Any, dummy: Any, input_name: str, output_name: str,
+            dynamic_axes: dict[str, dict[int, str]] | None) -> bytes:
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         # torch 2.9+ deprecates the TorchScript exporter (two DeprecationWarnings per
         # call). It is the one that works without onnxscript; ignore exactly those.
@@ -59,6 +75,11 @@ def export_onnx(
             message="You are using the legacy TorchScript-based ONNX export",
             category=DeprecationWarning,
         )
+        # tracing warns on shape checks in norm layers; with static shapes they hold
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # instance norm without running statistics normalises per sample in eval mode too
+        warnings.filterwarnings("ignore", message="ONNX export mode is set to TrainingMode.EVAL",
+                                category=UserWarning)
         warnings.filterwarnings(
             "ignore",
             message="The feature will be removed",
@@ -73,7 +94,7 @@ def export_onnx(
             dynamo=False,
             input_names=[input_name],
             output_names=[output_name],
-            dynamic_axes={input_name: dyn, output_name: dyn},
+            dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
     return buf.getvalue()
