@@ -31,6 +31,8 @@ from dicomnode.dicom.deid import (
 from dicomnode.dicom.pseudonym import Pseudonymizer
 from dicomnode.errors import ConfigError, NodeError, StorageError
 from dicomnode.inference import ModelSessions, RuntimeOptions, demo_model_path
+from dicomnode.inference.golden import golden_validator
+from dicomnode.inference.worker import IsolatedSessions
 from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.jobs.local import LocalQueue
 from dicomnode.pipeline.deid import deidentify_pending
@@ -62,6 +64,21 @@ log = logging.getLogger(__name__)
 # pynetdicom logs C-FIND/MOVE/GET identifiers (patient data) unless told not to.
 pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def runtime_options(settings: NodeSettings) -> RuntimeOptions:
+    """ONNX Runtime options from ``[inference]``."""
+    inf = settings.inference
+    providers = inf.providers if isinstance(inf.providers, str) else tuple(inf.providers)
+    return RuntimeOptions(providers=providers, intra_op_threads=inf.intra_op_threads,
+                          inter_op_threads=inf.inter_op_threads)
+
+
+def model_registry(settings: NodeSettings, sessions: sessionmaker[Session]) -> ModelRegistry:
+    """The registry, with golden cases run when a package is added or activated."""
+    return ModelRegistry(sessions, settings.data_dir.resolve(),
+                         validator=golden_validator(runtime_options(settings),
+                                                    settings.inference.memory_budget_mb))
 
 
 def open_database(settings: NodeSettings, *, upgrade: bool) -> tuple[Engine, sessionmaker[Session]]:
@@ -170,6 +187,8 @@ class Node:
         for t in self._threads:
             t.join(5)
         self.queue.stop()
+        if self.ctx.models is not None and hasattr(self.ctx.models, "close"):
+            self.ctx.models.close()  # the inference worker process
         self.engine.dispose()
         self.files.close()
         audit("application_stop", user=self.settings.ae_title, ae_title=self.settings.ae_title)
@@ -440,16 +459,10 @@ def create_node(
     registry = TaskRegistry(RetryPolicy(j.max_attempts, j.retry_base_s, j.retry_max_s))
     register_tasks(registry)
     queue = create_queue(settings, sessions, registry, j.workers if workers is None else workers)
-    registry_ = ModelRegistry(sessions, data_dir)
+    registry_ = model_registry(settings, sessions)
     inf = settings.inference
-    providers = inf.providers if isinstance(inf.providers, str) else tuple(inf.providers)
-    models = ModelSessions(
-        RuntimeOptions(
-            providers=providers,
-            intra_op_threads=inf.intra_op_threads,
-            inter_op_threads=inf.inter_op_threads,
-        )
-    )
+    sessions_type = IsolatedSessions if inf.isolation == "process" else ModelSessions
+    models = sessions_type(runtime_options(settings), inf.memory_budget_mb)
     ctx = TaskContext(
         settings=settings,
         index=index,

@@ -433,10 +433,10 @@ app.add_typer(models_app, name="models")
 
 
 def _registry(settings: NodeSettings):  # type: ignore[no-untyped-def]
-    from dicomnode.storage.registry import ModelRegistry
+    from dicomnode.app import model_registry
 
     engine, sessions = _open_node_storage(settings)
-    return engine, ModelRegistry(sessions, settings.data_dir.resolve())
+    return engine, model_registry(settings, sessions)
 
 
 @models_app.command("list")

@@ -269,6 +269,13 @@ class InferenceSettings(_Section):
     inter_op_threads: int = Field(0, ge=0)
     demo_model: bool = True
     """Register and activate the bundled demo model when the registry is empty."""
+    isolation: Literal["process", "thread"] = "process"
+    """process: models run in a child process that may die (out of memory) without taking
+    the node down; the job fails and is retried, a new child starts. thread: in the
+    worker thread (one process, less memory)."""
+    memory_budget_mb: float = Field(8192.0, gt=0)
+    """A format 2 model whose estimated memory for a volume (beyond the volume itself)
+    exceeds this refuses the volume with the estimate, instead of exhausting memory."""
 
 
 _ANY = ("*", "any", "ANY", "Any")

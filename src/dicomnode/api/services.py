@@ -92,9 +92,21 @@ class ApiServices:
             enqueue = LocalQueue(sessions, tasks, workers={}).enqueue
         return cls(settings=settings, sessions=sessions, files=files,
                    index=StudyIndex(sessions), outbox=Outbox(sessions),
-                   registry=ModelRegistry(sessions, data_dir),
+                   registry=ModelRegistry(sessions, data_dir, validator=_validator(settings)),
                    results=ResultStore(sessions, files), labels=LabelStore(sessions, files),
                    enqueue=enqueue, queue_sessions=_queue_sessions(settings))
+
+
+def _validator(settings: NodeSettings) -> Any:
+    """Golden cases at activation, as the node runs them (``inference.golden``)."""
+    from dicomnode.inference.golden import golden_validator
+    from dicomnode.inference.runtime import RuntimeOptions
+
+    inf = settings.inference
+    providers = inf.providers if isinstance(inf.providers, str) else tuple(inf.providers)
+    return golden_validator(
+        RuntimeOptions(providers=providers, intra_op_threads=inf.intra_op_threads,
+                       inter_op_threads=inf.inter_op_threads), inf.memory_budget_mb)
 
 
 def _queue_sessions(settings: NodeSettings) -> sessionmaker[Session] | None:

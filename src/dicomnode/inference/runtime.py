@@ -39,6 +39,7 @@ __all__ = [
     "OnnxModel",
     "RuntimeOptions",
     "create_session",
+    "load_runner",
     "import_onnxruntime",
     "resolve_providers",
 ]
@@ -177,6 +178,8 @@ class InferenceOutput:
     missing here when onnxruntime-gpu could not initialise it and fell back to CPU)."""
     seconds: Mapping[str, float]
     """Wall time: ``run`` (the graph), ``other`` (pre- and postprocessing), ``total``."""
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    """Format 2: shapes, windows, passes and estimated bytes of the run."""
 
 
 class OnnxModel:
@@ -276,6 +279,13 @@ class OnnxModel:
         with self.lock:
             return self._run(volume, spacing, return_probabilities)
 
+    def infer_volume(self, array: np.ndarray, affine: np.ndarray,
+                     spacing: tuple[float, float, float]) -> InferenceOutput:
+        """:meth:`run` on a volume given as the node holds it (the affine is not needed:
+        format 1 reads slices as stored)."""
+        del affine
+        return self.run(array, spacing)
+
     def predict_mask(self, volume: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
         """The (z, y, x) uint8 label mask only (for evaluation); see :meth:`run`."""
         out = self.run(volume, spacing)
@@ -353,13 +363,17 @@ class ModelSessions:
     the version it started with.
     """
 
-    def __init__(self, options: RuntimeOptions | None = None) -> None:
+    def __init__(self, options: RuntimeOptions | None = None,
+                 memory_budget_mb: float | None = None) -> None:
         self.options = options or RuntimeOptions()
-        self._models: dict[tuple[str, str, str], OnnxModel] = {}
+        self.memory_budget_mb = memory_budget_mb
+        self._models: dict[tuple[str, str, str], Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path | str) -> OnnxModel:
-        """The model for the package at ``path`` (read and checksummed on every call).
+    def get(self, path: Path | str) -> Any:
+        """The model for the package at ``path`` (read and checksummed on every call):
+        an :class:`OnnxModel` (format 1) or a
+        :class:`~dicomnode.inference.sliding.SlidingWindowModel` (format 2 volume).
 
         Raises
         ------
@@ -371,7 +385,8 @@ class ModelSessions:
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                model = self._models[key] = OnnxModel.load(pkg, self.options)
+                model = self._models[key] = load_runner(pkg, self.options,
+                                                        self.memory_budget_mb)
             return model
 
     def evict(self, name: str, version: str) -> int:
@@ -386,3 +401,22 @@ class ModelSessions:
         """Forget every session."""
         with self._lock:
             self._models.clear()
+
+
+def load_runner(pkg: Any, options: RuntimeOptions, memory_budget_mb: float | None) -> Any:
+    """The runner of a package: :class:`OnnxModel` for format 1, the sliding-window model
+    for a format 2 volume package.
+
+    Raises
+    ------
+    ModelLoadError, ModelError
+        As the runner's ``load``; a format 2 image package (a later addition) is refused.
+    """
+    if isinstance(pkg, ModelPackage):
+        return OnnxModel.load(pkg, options)
+    from dicomnode.inference.sliding import SlidingWindowModel
+    from dicomnode.modelpkg.format2 import VolumeInput
+
+    if not isinstance(pkg.input, VolumeInput):
+        raise ModelError(f"{pkg.name} {pkg.version}: image packages are not run yet")
+    return SlidingWindowModel.load(pkg, options, memory_budget_mb)

@@ -212,6 +212,36 @@ class SlidingWindowModel:
             sessions.append(session)
         return cls(package, sessions, memory_budget_mb)
 
+    def infer_volume(self, array: np.ndarray, affine: np.ndarray,
+                     spacing: tuple[float, float, float]) -> Any:
+        """:meth:`run`, then findings per connected component, as the node's results need.
+
+        Returns
+        -------
+        dicomnode.inference.runtime.InferenceOutput
+        """
+        from dicomnode.inference.postprocess import find_components
+        from dicomnode.inference.runtime import InferenceOutput
+
+        pkg = self.package
+        out = self.run(array, affine)
+        names = {lb.number: lb.name for lb in pkg.outputs.labels}
+        mask, findings = find_components(out.labels, array, spacing, names)
+        return InferenceOutput(
+            model_name=pkg.name,
+            model_version=pkg.version,
+            model_sha256=pkg.sha256,
+            task=pkg.task,
+            mask=mask,
+            probabilities=None,
+            findings=findings,
+            label_probabilities={},
+            positive_labels=tuple(sorted({f.label for f in findings})),
+            providers=self.providers,
+            seconds=out.seconds,
+            plan=out.plan,
+        )
+
     # -- the network ----------------------------------------------------------------------
 
     def _run(self, session: Any, x: np.ndarray) -> np.ndarray:

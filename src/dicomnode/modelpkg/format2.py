@@ -164,6 +164,9 @@ class VolumeInput:
     crop_to_nonzero: bool = False
     channels: int = 1
     allow_oblique: bool = False
+    min_slices: int = 1
+    """Fewest slices a volume must have (a 3D network trained on chest CTs has nothing
+    to say about a 3-slice scout): fewer is refused with that reason."""
     kind: Literal["volume"] = "volume"
 
 
@@ -458,7 +461,10 @@ def _parse_volume_input(f: _Fields) -> VolumeInput:
         crop_to_nonzero=bool(f.get("crop_to_nonzero", bool, False)),
         channels=channels,
         allow_oblique=bool(f.get("allow_oblique", bool, False)),
+        min_slices=int(f.get("min_slices", int, 1)),
     )
+    if out.min_slices < 1:
+        raise f.error("min_slices", "must be at least 1")
     f.done()
     return out
 

@@ -160,12 +160,19 @@ def infer(
         volume = assemble_volume(datasets)
         t_assembly = time.perf_counter() - t0
         runner = ctx.models.get(registered.path)
-        if volume.modality != runner.package.input.modality:
+        spec = runner.package.input
+        accepted = (spec.modality,) if isinstance(spec.modality, str) else tuple(spec.modality)
+        if volume.modality not in accepted:
             raise InferenceError(
                 f"series modality {volume.modality or 'missing'}, "
-                f"model expects {runner.package.input.modality}"
+                f"model expects {' or '.join(accepted)}"
             )
-        out = runner.run(volume.array, volume.spacing)
+        if volume.shape[0] < getattr(spec, "min_slices", 1):
+            raise InferenceError(
+                f"series makes a volume of {volume.shape[0]} slices, "
+                f"model needs at least {spec.min_slices}"
+            )
+        out = runner.infer_volume(volume.array, volume.affine, volume.spacing)
     except InferenceError as exc:
         ctx.results.fail(
             study_id=study_id,
@@ -197,6 +204,7 @@ def infer(
             "assembly_s": round(t_assembly, 4),
             **{f"{k}_s": round(v, 4) for k, v in out.seconds.items()},
             "providers": list(out.providers),
+            **({"plan": dict(out.plan)} if out.plan else {}),
             **({"volume_notes": list(volume.notes)} if volume.notes else {}),
             **({"unreadable_instances": unreadable} if unreadable else {}),
         },

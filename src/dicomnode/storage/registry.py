@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,13 @@ class ModelRegistry:
         The data directory (packages live in ``root/models``).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], root: Path) -> None:
+    def __init__(self, sessions: sessionmaker[Session], root: Path,
+                 validator: Callable[[Path], list[dict[str, Any]]] | None = None) -> None:
         self.sessions = sessions
         self.root = root
+        self.validator = validator
+        """Runs a package's golden cases (``inference.golden``, wired by the composition
+        root): raises ModelError below a case's Dice, returns the results."""
 
     def _value(self, row: ModelVersion) -> RegisteredModel:
         return RegisteredModel(
@@ -124,6 +129,17 @@ class ModelRegistry:
             dest.mkdir()
             shutil.copy2(package, dest / Path(package).name)
         dest_pkg = dest if Path(package).is_dir() else dest / Path(package).name
+        metrics = dict(metrics or {})
+        reason = None
+        if self.validator is not None:
+            try:
+                golden = self.validator(dest_pkg)
+            except ModelError as exc:
+                # kept for the record, never activated (activate runs the cases again)
+                status, reason = "rejected", str(exc)
+            else:
+                if golden:
+                    metrics["golden"] = golden
         row = ModelVersion(
             name=pkg.name,
             version=pkg.version,
@@ -133,8 +149,9 @@ class ModelRegistry:
             status=status,
             created_at=time.time(),
             created_by=created_by or getpass.getuser(),
-            metrics=metrics or {},
+            metrics=metrics,
             card=card or {},
+            reason=reason,
         )
         with self.sessions.begin() as s:
             s.add(row)
@@ -146,8 +163,17 @@ class ModelRegistry:
         Raises
         ------
         ModelError
-            No such version.
+            No such version, or its golden cases fail (the message gives the Dice).
         """
+        if self.validator is not None:
+            found = self.get(name, version)
+            if found is None:
+                raise ModelError(f"no model {name} version {version}")
+            try:
+                self.validator(found.path)
+            except ModelError as exc:
+                self.set_status(name, version, "rejected", str(exc))
+                raise ModelError(f"{name} {version} not activated: {exc}") from None
         now = time.time()
         with self.sessions.begin() as s:
             row = s.execute(
