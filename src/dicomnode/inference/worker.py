@@ -8,8 +8,8 @@ kernel's OOM killer, a segfault) the running job fails with the reason and is re
 as any job is, a new child starts for the next one, and the receivers, the queue and the
 other jobs carry on.
 
-The child reports its peak resident memory (``ru_maxrss``) with every result, which is
-what the memory budget is measured against.
+The child reports its peak resident memory (VmHWM, the kernel's high-water mark of its
+resident set) with every result, which is what the memory budget is measured against.
 """
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ __all__ = ["IsolatedModel", "IsolatedSessions"]
 
 _ERRORS = {"InferenceError": InferenceError, "ModelLoadError": ModelLoadError,
            "ModelError": ModelError}
+
+
+def _peak_kb() -> int:
+    """This process's peak resident memory in KiB: VmHWM, which exec resets (``ru_maxrss``
+    on Linux carries the parent's peak across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _child(conn: Any, options: RuntimeOptions, budget: float | None) -> None:
@@ -66,7 +78,7 @@ def _child(conn: Any, options: RuntimeOptions, budget: float | None) -> None:
                 "ok": True,
                 "mask_dtype": str(mask.dtype) if mask is not None else None,
                 "output": dataclasses.replace(out, mask=None),
-                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "maxrss_kb": _peak_kb(),
             }
         except NodeError as exc:
             reply = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
