@@ -71,7 +71,9 @@ def runtime_options(settings: NodeSettings) -> RuntimeOptions:
     inf = settings.inference
     providers = inf.providers if isinstance(inf.providers, str) else tuple(inf.providers)
     return RuntimeOptions(providers=providers, intra_op_threads=inf.intra_op_threads,
-                          inter_op_threads=inf.inter_op_threads)
+                          inter_op_threads=inf.inter_op_threads,
+                          engine_cache_dir=str(settings.data_dir.resolve() / "trt-cache"),
+                          tensorrt_fp16=inf.tensorrt_fp16)
 
 
 def model_registry(settings: NodeSettings, sessions: sessionmaker[Session]) -> ModelRegistry:

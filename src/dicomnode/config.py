@@ -273,6 +273,9 @@ class InferenceSettings(_Section):
     """process: models run in a child process that may die (out of memory) without taking
     the node down; the job fails and is retried, a new child starts. thread: in the
     worker thread (one process, less memory)."""
+    tensorrt_fp16: bool = False
+    """With "TensorrtExecutionProvider" in providers: let TensorRT use half precision
+    (its engines are cached under data_dir/trt-cache)."""
     memory_budget_mb: float = Field(8192.0, gt=0)
     """A format 2 model whose estimated memory for a volume (beyond the volume itself)
     exceeds this refuses the volume with the estimate, instead of exhausting memory."""

@@ -46,6 +46,7 @@ __all__ = [
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+_TRT = "TensorrtExecutionProvider"
 
 
 def import_onnxruntime() -> ModuleType:
@@ -73,11 +74,16 @@ class RuntimeOptions:
     ``providers``: ``"auto"`` (CUDA when onnxruntime-gpu lists it, else CPU) or an
     explicit ordered list of ONNX Runtime execution provider names.
     ``intra_op_threads`` / ``inter_op_threads``: 0 = ONNX Runtime's default (all cores).
+    ``engine_cache_dir``: where the TensorRT provider keeps its built engines (keyed by
+    the graph, so a restart does not rebuild them); ``tensorrt_fp16``: let TensorRT run
+    in half precision.
     """
 
     providers: str | tuple[str, ...] = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    engine_cache_dir: str | None = None
+    tensorrt_fp16: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.providers, str) and self.providers != "auto":
@@ -146,8 +152,18 @@ def create_session(model: bytes, options: RuntimeOptions, what: str) -> Any:
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # ORT's own warnings go to stderr, not to our logs
+    chosen: list[Any] = list(providers)
+    if _TRT in providers:
+        # Engine cache in the data directory: building a TensorRT engine takes minutes;
+        # the cache is keyed by the graph, so a new model version builds its own.
+        trt: dict[str, Any] = {"trt_fp16_enable": options.tensorrt_fp16}
+        if options.engine_cache_dir:
+            Path(options.engine_cache_dir).mkdir(parents=True, exist_ok=True)
+            trt.update({"trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": options.engine_cache_dir})
+        chosen[providers.index(_TRT)] = (_TRT, trt)
     try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers)
+        return ort.InferenceSession(model, sess_options=so, providers=chosen)
     except Exception as exc:  # onnxruntime's exceptions have no useful common base
         raise ModelLoadError(f"{what}: onnxruntime cannot load it: {exc}") from exc
 
