@@ -421,18 +421,19 @@ class ModelSessions:
 
 def load_runner(pkg: Any, options: RuntimeOptions, memory_budget_mb: float | None) -> Any:
     """The runner of a package: :class:`OnnxModel` for format 1, the sliding-window model
-    for a format 2 volume package.
+    for a format 2 volume package, the image model for a format 2 image package.
 
     Raises
     ------
     ModelLoadError, ModelError
-        As the runner's ``load``; a format 2 image package (a later addition) is refused.
+        As the runner's ``load``.
     """
     if isinstance(pkg, ModelPackage):
         return OnnxModel.load(pkg, options)
+    from dicomnode.inference.image_model import ImageModel
     from dicomnode.inference.sliding import SlidingWindowModel
     from dicomnode.modelpkg.format2 import VolumeInput
 
     if not isinstance(pkg.input, VolumeInput):
-        raise ModelError(f"{pkg.name} {pkg.version}: image packages are not run yet")
+        return ImageModel.load(pkg, options)
     return SlidingWindowModel.load(pkg, options, memory_budget_mb)

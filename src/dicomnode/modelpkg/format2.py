@@ -135,7 +135,7 @@ class Resample:
 class NormStep:
     """One step of the normalisation chain (applied in order; see :mod:`.normalize`)."""
 
-    kind: Literal["clip", "zscore", "scale_range", "minmax", "window", "none"]
+    kind: Literal["clip", "zscore", "scale_range", "minmax", "window", "bits_linear", "none"]
     lower: float | None = None
     upper: float | None = None
     mean: float | None = None
@@ -391,7 +391,8 @@ def _norm_chain(f: _Fields) -> tuple[NormStep, ...]:
         if not isinstance(item, dict):
             raise f.error(f"normalization[{i}]", "expected a table")
         s = _Fields(item, f"{f.prefix}normalization[{i}].", f.where)
-        kind = s.choice("kind", ("clip", "zscore", "scale_range", "minmax", "window", "none"))
+        kind = s.choice("kind", ("clip", "zscore", "scale_range", "minmax", "window",
+                                 "bits_linear", "none"))
         if kind == "clip":
             step = NormStep(kind, lower=_num(s, "lower"), upper=_num(s, "upper"))
             if step.lower is not None and step.upper is not None and step.lower > step.upper:
@@ -414,6 +415,9 @@ def _norm_chain(f: _Fields) -> tuple[NormStep, ...]:
         elif kind == "minmax":
             step = NormStep(kind, b_min=float(_num(s, "b_min", 0.0) or 0.0),
                             b_max=float(_num(s, "b_max", 1.0) or 0.0))
+        elif kind == "bits_linear":
+            step = NormStep(kind, b_min=float(_num(s, "low", 0.0) or 0.0),
+                            b_max=float(_num(s, "high", 1.0) or 0.0))
         elif kind == "window":
             step = NormStep(kind, center=_num(s, "center"), width=_num(s, "width"))
             if not (step.width and step.width > 0):
@@ -653,6 +657,11 @@ def parse_format2(top: _Fields, where: Path) -> dict[str, Any]:
     )
     spatial = 3 if kind == "volume" else 2
     inference = _parse_inference(top.sub("inference"), spatial)
+    if isinstance(input_spec, ImageInput) and (
+        inference.mode != "whole" or inference.patch != input_spec.size
+    ):
+        raise top.error("inference.patch", "an image package runs the whole image: mode = "
+                                           "\"whole\" and patch = input.size")
     outputs = _parse_outputs(top.sub("outputs"), task)
     golden = []
     val = top.sub("validation", {})

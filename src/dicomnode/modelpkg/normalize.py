@@ -14,6 +14,8 @@ Each step reproduces its ecosystem's arithmetic, in float32 as they compute it:
 - ``minmax {b_min, b_max}``: the image's own range to [b_min, b_max] (MONAI
   ScaleIntensity; nnU-Net RescaleTo01 is b = 0..1);
 - ``window {center, width}``: clip to the window and scale to 0..1 (format 1);
+- ``bits_linear {low, high}``: the stored value range ``0 .. 2**BitsStored - 1`` of an
+  image to [low, high] (torchxrayvision's ``normalize``: -1024..1024);
 - ``none``.
 
 Pure numpy.
@@ -56,7 +58,8 @@ def _zscore(x: np.ndarray, step: NormStep, mask: np.ndarray | None) -> np.ndarra
 
 
 def normalize(
-    x: np.ndarray, steps: Sequence[NormStep], *, filled_mask: np.ndarray | None = None
+    x: np.ndarray, steps: Sequence[NormStep], *, filled_mask: np.ndarray | None = None,
+    maxval: float | None = None,
 ) -> np.ndarray:
     """Apply the chain to ``x``; returns a new float32 array.
 
@@ -69,6 +72,13 @@ def normalize(
     filled_mask
         The hole-filled non-zero mask for ``mask = "nonzero_filled"`` (nnU-Net computes
         it before cropping); computed from ``x`` when None.
+    maxval
+        The largest stored value (``2**BitsStored - 1``) for ``bits_linear``.
+
+    Raises
+    ------
+    ValueError
+        ``bits_linear`` without ``maxval``.
     """
     out = np.array(x, dtype=np.float32, copy=True)
     for step in steps:
@@ -96,6 +106,11 @@ def normalize(
                 out = out * np.float32(step.b_max - step.b_min) + np.float32(step.b_min)
             else:
                 out = out - np.float32(lo) + np.float32(step.b_min)
+        elif step.kind == "bits_linear":
+            if not maxval:
+                raise ValueError("bits_linear needs the stored value range (maxval)")
+            out = out / np.float32(maxval) * np.float32(step.b_max - step.b_min)
+            out += np.float32(step.b_min)
         elif step.kind == "window":
             assert step.center is not None and step.width is not None
             lo = step.center - step.width / 2
