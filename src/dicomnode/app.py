@@ -43,7 +43,7 @@ from dicomnode.pipeline.tasks import (
     enqueue_label,
     register_tasks,
 )
-from dicomnode.scp.ingest import Ingestor
+from dicomnode.storage.ingest import Ingestor
 from dicomnode.scp.server import StorageServer
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
 from dicomnode.storage.index import RecordOutcome, StudyIndex
