@@ -43,10 +43,10 @@ from dicomnode.pipeline.tasks import (
     enqueue_label,
     register_tasks,
 )
-from dicomnode.storage.ingest import Ingestor
 from dicomnode.scp.server import StorageServer
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
 from dicomnode.storage.index import RecordOutcome, StudyIndex
+from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.keys import load_secret, vault_key
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox

@@ -16,10 +16,11 @@ from dicomnode.dicom.deid import Deidentifier
 from dicomnode.inference import ModelSessions
 from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.pipeline.deid import deidentify_instance, deidentify_study
+from dicomnode.pipeline.delivery import send_result
 from dicomnode.pipeline.infer import infer
 from dicomnode.pipeline.learning import ingest_label, is_label, retrain_periodic, retrain_task
 from dicomnode.pipeline.outcome import job_dead
-from dicomnode.pipeline.results import encode_results, send_result
+from dicomnode.pipeline.results import encode_results
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
