@@ -64,6 +64,14 @@ pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
+def ingest_gate() -> float | None:
+    """Admission check of HTTP ingest (STOW-RS): seconds to wait, or None to go ahead.
+
+    TODO(issue 18): the disk watermark of ``storage.diskguard``.
+    """
+    return None
+
+
 def open_database(settings: NodeSettings, *, upgrade: bool) -> tuple[Engine, sessionmaker[Session]]:
     """Engine and sessions for the configured database.
 
@@ -149,7 +157,9 @@ class Node:
             # Before the SCP: a port clash stops the node before it takes associations.
             from dicomnode.api import ApiServer, ApiServices, create_api  # only when serving
 
-            app = create_api(ApiServices.from_context(self.ctx, self.sessions), self.settings.api)
+            services = ApiServices.from_context(self.ctx, self.sessions, self.ingestor,
+                                                ingest_gate)
+            app = create_api(services, self.settings.api)
             self.api = ApiServer(app, self.settings.api.host, self.settings.api.port)
             self.api.start()
         if self.server is not None:
