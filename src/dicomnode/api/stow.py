@@ -38,6 +38,7 @@ plus 0xC122 (transfer syntax not supported) and 0x0110 (processing failure).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -229,6 +230,9 @@ def ingest_part(ingestor: Any, part: Part, calling_ae: str | None
     except NodeError as exc:
         log.error("STOW-RS instance not stored (0x0110): %s", exc)
         return cls, inst, _PROCESSING_FAILURE
+    except Exception:  # a bug of ours: answer for this instance, keep the request going
+        log.exception("STOW-RS instance not stored (0x0110, unexpected error)")
+        return cls, inst, _PROCESSING_FAILURE
     return cls, inst, None
 
 
@@ -277,19 +281,34 @@ def stow_router(authenticator: PeerAuthenticator) -> APIRouter:
             return _problem(400, "the Content-Type has no boundary")
         accept = request.headers.get("accept", _JSON)
         outcome = StowOutcome([], [])
+        # Parts are stored one at a time, in order, in a worker thread, while the next
+        # ones are read from the socket (the fsync of one overlaps the transfer of the
+        # next); at most a few complete parts wait in memory.
+        parts: asyncio.Queue[Part | None] = asyncio.Queue(maxsize=4)
+
+        async def store_parts() -> None:
+            while (part := await parts.get()) is not None:
+                cls, inst, reason = await run_in_threadpool(
+                    ingest_part, ingestor, part, peer.settings.ae_title)
+                if reason is None:
+                    outcome.stored.append((cls, inst))
+                    metrics.INSTANCES_RECEIVED.inc()
+                else:
+                    outcome.failed.append((cls, inst, reason))
+                    metrics.INSTANCES_REJECTED.labels(metrics.dimse_status(reason)).inc()
+
+        storing = asyncio.create_task(store_parts())
         try:
-            reader = MultipartReader(params["boundary"], svc.settings.api.stow_max_part_bytes)
-            async for chunk in request.stream():
-                for part in reader.feed(chunk):
-                    cls, inst, reason = await run_in_threadpool(
-                        ingest_part, ingestor, part, peer.settings.ae_title)
-                    if reason is None:
-                        outcome.stored.append((cls, inst))
-                        metrics.INSTANCES_RECEIVED.inc()
-                    else:
-                        outcome.failed.append((cls, inst, reason))
-                        metrics.INSTANCES_REJECTED.labels(metrics.dimse_status(reason)).inc()
-            reader.close()
+            try:
+                reader = MultipartReader(params["boundary"],
+                                         svc.settings.api.stow_max_part_bytes)
+                async for chunk in request.stream():
+                    for part in reader.feed(chunk):
+                        await parts.put(part)
+                reader.close()
+            finally:
+                await parts.put(None)
+                await storing  # every complete part is stored before any answer
         except PartTooLarge as exc:
             _audit(peer, address, outcome, str(exc))
             return _answer(outcome, 413, accept)
