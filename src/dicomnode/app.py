@@ -127,7 +127,7 @@ class Node:
 
     def start(self) -> None:
         """Recover from a crash, then start the queue, the completion loop and the SCP."""
-        if self.settings.inference.demo_model and self.ctx.registry is not None:
+        if self.settings.inference.demo_model:
             ensure_demo_model(self.ctx.registry)
         removed = self.files.clean_tmp()
         if removed:
@@ -504,6 +504,6 @@ def create_node(
             settings.scp,
             settings.allowed_calling_aes(),
             ingestor,
-            on_commitment=ctx.outbox.commitment_report if ctx.outbox is not None else None,
+            on_commitment=ctx.outbox.commitment_report,
         )
     return Node(settings, engine, sessions, files, index, queue, ctx, server, ingestor)

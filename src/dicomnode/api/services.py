@@ -65,20 +65,10 @@ class ApiServices:
                      ingestor: Ingestor | None = None,
                      ingest_gate: Callable[[], float | None] | None = None) -> ApiServices:
         """The services of a running node (``node.ctx``, ``node.sessions``, and its
-        ``node.ingestor`` for STOW-RS).
-
-        Raises
-        ------
-        ValueError
-            The context lacks a store the API needs.
-        """
-        missing = [n for n in ("registry", "results", "outbox", "labels")
-                   if getattr(ctx, n) is None]
-        if missing:
-            raise ValueError(f"task context has no {', '.join(missing)}")
+        ``node.ingestor`` for STOW-RS)."""
         return cls(settings=ctx.settings, sessions=sessions, files=ctx.files, index=ctx.index,
-                   outbox=ctx.outbox, registry=ctx.registry,  # type: ignore[arg-type]
-                   results=ctx.results, labels=ctx.labels,  # type: ignore[arg-type]
+                   outbox=ctx.outbox, registry=ctx.registry,
+                   results=ctx.results, labels=ctx.labels,
                    enqueue=ctx.queue.enqueue, queue_sessions=_queue_sessions(ctx.settings),
                    ingestor=ingestor, ingest_gate=ingest_gate)
 

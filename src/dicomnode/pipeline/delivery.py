@@ -108,7 +108,7 @@ def _request_commitment(ctx: TaskContext, item: OutboxItem, peer: PeerSettings, 
                         attempts: int) -> None:
     # One transaction per item and attempt, recorded before the request: the report
     # can arrive (on another association) before the N-ACTION response does.
-    assert ctx.outbox is not None and peer.ae_title and peer.host and peer.port
+    assert peer.ae_title and peer.host and peer.port
     transaction = derived_uid("commitment", item.sop_instance_uid, item.destination, attempts)
     ctx.outbox.update(item.id, commitment_uid=transaction)
     try:
@@ -127,7 +127,6 @@ def send_result(ctx: TaskContext, outbox_id: int) -> None:
     Never raises for a delivery failure: the outbox row is the delivery state, and
     the retry is a new delayed job.
     """
-    assert ctx.outbox is not None
     item = ctx.outbox.claim_send(outbox_id)
     if item is None:
         return

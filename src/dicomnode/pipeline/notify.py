@@ -56,14 +56,12 @@ def notification_destinations(ctx: TaskContext, study: Study, destinations: list
 
 
 def _results(ctx: TaskContext, study: Study) -> list[Any]:
-    assert ctx.results is not None
     return [r for r in ctx.results.for_study(study.id)
             if r.study_version == study.version and r.status == "done"]
 
 
 def _observations(ctx: TaskContext, study: Study) -> list[Observation]:
     """One observation per label of every model that made a result for this version."""
-    assert ctx.registry is not None
     out: list[Observation] = []
     for result in sorted(_results(ctx, study), key=lambda r: r.model_name):
         registered = ctx.registry.get(result.model_name, result.model_version)
@@ -104,7 +102,6 @@ def ensure_notifications(ctx: TaskContext, study: Study, destinations: list[str]
     is queued only while it has no attempt yet (once per pipeline run).
     Returns the rows of this version (new or earlier), none when nothing is due.
     """
-    assert ctx.outbox is not None
     dests = notification_destinations(ctx, study, destinations)
     if not dests:
         return []
@@ -150,7 +147,6 @@ def notification_for(ctx: TaskContext, item: OutboxItem, peer: PeerSettings) -> 
     ReidentificationError
         The vault holds no identity for the study.
     """
-    assert ctx.vault is not None
     study = ctx.index.study(item.study_id)
     if study is None:
         raise ReidentificationError(f"study {item.study_id} is gone")

@@ -62,7 +62,6 @@ def _model_outcome(ctx: TaskContext, study_id: int, version: int, model: str,
                    run: int) -> tuple[str, str | None]:
     if model in failures:
         return StudyOutcome.FAILED, failures[model]
-    assert ctx.results is not None and ctx.outbox is not None
     result = next(
         (r for r in ctx.results.for_study(study_id)
          if r.study_version == version and r.model_name == model),
@@ -111,7 +110,6 @@ def _notification_stage(ctx: TaskContext, study: Any, destinations: list[str],
     The study is ``results_sent`` once the notifications are sent too; it stays
     ``processing`` while one is pending and ends ``failed`` if one is dead-lettered.
     """
-    assert ctx.outbox is not None
     items = ensure_notifications(ctx, study, destinations)
     delivered_images = [
         i for i in ctx.outbox.list(study_id=study.id)
@@ -229,7 +227,7 @@ def job_dead(task: str, ctx: TaskContext, args: Mapping[str, Any], error: str) -
                 study.version != args.get("version") or (study.run or 1) != args.get("run", 1)
             ):
                 return  # an earlier version's or run's job: its study has moved on
-    elif "result_id" in args and ctx.results is not None:
+    elif "result_id" in args:
         result = ctx.results.get(int(args["result_id"]))
         if result is None:
             return

@@ -168,7 +168,6 @@ def kinds_for(ctx: TaskContext, destination: str, study: Any) -> tuple[str, ...]
 
 def encode_results(ctx: TaskContext, result_id: int) -> None:
     """Build the SEG and SR of one inference result and queue them for delivery."""
-    assert ctx.results is not None and ctx.registry is not None and ctx.outbox is not None
     result = ctx.results.get(result_id)
     if result is None or result.status != "done":
         return
@@ -326,7 +325,6 @@ def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
     ReidentificationError
         The guard found a pseudonym or marker left, or a reference has no vault entry.
     """
-    assert ctx.outbox is not None and ctx.vault is not None
     item = ctx.outbox.get(item_id)
     assert item is not None
     study = ctx.index.study(item.study_id)
