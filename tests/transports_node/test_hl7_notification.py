@@ -118,3 +118,35 @@ def test_negative_acknowledgement_is_retried_then_dead_lettered(tmp_path: Path) 
     assert s["outcome_reason"].startswith("worklist notification to ris failed")
     assert rows(node, "select count(*) from outbox where kind != 'notification' "
                       "and status = 'sent'")[0][0] == 2
+
+
+def test_negative_study_is_notified_only_where_asked(tmp_path: Path) -> None:
+    study = make_ct_study(seed=1523, n_slices=12, n_lesions=0, patient_id="PAT-HL7-3",
+                          accession_number="ACC-1523")
+    files = write_study(study, tmp_path / "src")
+    pacs = start_storescp(tmp_path / "pacs")
+    with mllp_listener() as (yes_port, yes), mllp_listener() as (no_port, no):
+        node = NodeProcess(tmp_path / "node", {
+            "peers": {
+                "pacs": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs.port},
+                "ris": {"transport": "hl7", "host": "127.0.0.1", "port": yes_port,
+                        "notify_negative": True,
+                        "priority_rules": [{"label": "Lesion", "priority": "STAT"}]},
+                "ris2": {"transport": "hl7", "host": "127.0.0.1", "port": no_port},
+            },
+            "results": {"destinations": ["pacs", "ris", "ris2"]},
+        }).start()
+        try:
+            assert storescu(node.port, files).returncode == 0
+            wait_for(lambda: node.studies()[0]["outcome"] == "results_sent", 180)
+        finally:
+            node.stop()
+    pacs.stop()
+    assert no == [] and len(yes) == 1
+    order = parse_message(yes[0]).oru_r01_patient_result.oru_r01_order_observation
+    [obx] = [o.obx for o in order.oru_r01_observation]
+    assert obx.obx_5.to_er7() == "2667000^Absent^SCT"
+    assert order.oru_r01_timing_qty.tq1.tq1_9.to_er7() == "R^Routine^HL70485"
+    assert order.obr.obr_3.to_er7() == "ACC-1523"  # no Filler Order Number: the accession
+    assert rows(node, "select destination from outbox where kind = 'notification'") \
+        == [("ris",)]
