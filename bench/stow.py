@@ -53,7 +53,7 @@ def post(url: str, body: bytes, content_type: str, auth: tuple[str, str] | None)
 def one(name: str, files: list[Path], body: bytes, ct: str, work: Path) -> float:
     d = fresh_dir(work)
     if name == "Orthanc STOW-RS":
-        o = start_dicomweb_orthanc(d)
+        o = start_dicomweb_orthanc(d, extra={"SyncStorageArea": True})  # its default
         try:
             t = post(f"http://127.0.0.1:{o.http_port}/dicom-web/studies", body, ct, None)
             got = int(orthanc_get(o, "/statistics")["CountInstances"])

@@ -21,15 +21,17 @@ PACS_USER, PACS_PASSWORD = "node", "pacs-secret-of-node"
 
 def start_dicomweb_orthanc(workdir: Path, *, servers: dict[str, Any] | None = None,
                            users: dict[str, str] | None = None, port: int | None = None,
-                           http_port: int | None = None) -> Receiver:
+                           http_port: int | None = None,
+                           extra: dict[str, Any] | None = None) -> Receiver:
     """Orthanc with DICOMweb at ``/dicom-web/``; ``users`` turns basic auth on."""
-    extra: dict[str, Any] = {
+    config: dict[str, Any] = {
+        **(extra or {}),
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers or {}},
     }
     if users:
-        extra |= {"AuthenticationEnabled": True, "RegisteredUsers": users}
-    return start_orthanc(workdir, extra=extra, port=port, http_port=http_port)
+        config |= {"AuthenticationEnabled": True, "RegisteredUsers": users}
+    return start_orthanc(workdir, extra=config, port=port, http_port=http_port)
 
 
 def orthanc_client(pacs: Receiver, auth: tuple[str, str] | None = None) -> httpx.Client:
