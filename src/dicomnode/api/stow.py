@@ -244,6 +244,8 @@ def stow_router(authenticator: PeerAuthenticator) -> APIRouter:
         "/dicom-web/studies",
         summary="Store instances (STOW-RS)",
         response_class=Response,
+        # PS3.18 defines it and peers (not operators) call it: not in the operator schema
+        include_in_schema=False,
         responses={
             200: {"description": "Every instance stored", "content": {_JSON: {}, _XML: {}}},
             202: {"description": "Some instances stored, some failed"},
