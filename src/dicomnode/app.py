@@ -45,10 +45,10 @@ from dicomnode.pipeline.tasks import (
     enqueue_label,
     register_tasks,
 )
-from dicomnode.scp.ingest import Ingestor
 from dicomnode.scp.server import StorageServer
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
 from dicomnode.storage.index import RecordOutcome, StudyIndex
+from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.keys import load_secret, vault_key
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
@@ -81,6 +81,14 @@ def model_registry(settings: NodeSettings, sessions: sessionmaker[Session]) -> M
     return ModelRegistry(sessions, settings.data_dir.resolve(),
                          validator=golden_validator(runtime_options(settings),
                                                     settings.inference.memory_budget_mb))
+
+
+def ingest_gate() -> float | None:
+    """Admission check of HTTP ingest (STOW-RS): seconds to wait, or None to go ahead.
+
+    TODO(issue 18): the disk watermark of ``storage.diskguard``.
+    """
+    return None
 
 
 def open_database(settings: NodeSettings, *, upgrade: bool) -> tuple[Engine, sessionmaker[Session]]:
@@ -138,7 +146,7 @@ class Node:
 
     def start(self) -> None:
         """Recover from a crash, then start the queue, the completion loop and the SCP."""
-        if self.settings.inference.demo_model and self.ctx.registry is not None:
+        if self.settings.inference.demo_model:
             ensure_demo_model(self.ctx.registry)
         removed = self.files.clean_tmp()
         if removed:
@@ -168,7 +176,9 @@ class Node:
             # Before the SCP: a port clash stops the node before it takes associations.
             from dicomnode.api import ApiServer, ApiServices, create_api  # only when serving
 
-            app = create_api(ApiServices.from_context(self.ctx, self.sessions), self.settings.api)
+            services = ApiServices.from_context(self.ctx, self.sessions, self.ingestor,
+                                                ingest_gate)
+            app = create_api(services, self.settings.api)
             self.api = ApiServer(app, self.settings.api.host, self.settings.api.port)
             self.api.start()
         if self.server is not None:
@@ -509,6 +519,6 @@ def create_node(
             settings.scp,
             settings.allowed_calling_aes(),
             ingestor,
-            on_commitment=ctx.outbox.commitment_report if ctx.outbox is not None else None,
+            on_commitment=ctx.outbox.commitment_report,
         )
     return Node(settings, engine, sessions, files, index, queue, ctx, server, ingestor)

@@ -93,6 +93,7 @@ EVENTS: dict[str, tuple[dict[str, str], str, dict[str, str] | None]] = {
     "vault_read": (_PATIENT_RECORD, "R", None),
     "reidentified": (_INSTANCES_ACCESSED, "U", None),
     "result_sent": (_INSTANCES_TRANSFERRED, "C", None),
+    "stow_received": (_INSTANCES_TRANSFERRED, "C", None),
     "model_promoted": (_SECURITY_ALERT, "U", _code("110131", "Software Configuration")),
     "config_loaded": (_SECURITY_ALERT, "E", _code("110131", "Software Configuration")),
     "application_start": (_APPLICATION_ACTIVITY, "E", _code("110120", "Application Start")),

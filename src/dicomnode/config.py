@@ -39,6 +39,9 @@ from dicomnode.errors import ConfigError
 __all__ = [
     "ApiSettings",
     "CompletionRule",
+    "HttpCredentials",
+    "PriorityRule",
+    "ResultKind",
     "CompletionSettings",
     "DeidSettings",
     "InferenceSettings",
@@ -127,22 +130,155 @@ class ScpSettings(_Section):
         return value
 
 
-class PeerSettings(_Section):
-    """A known DICOM application entity: a modality, a PACS, a workstation."""
+class HttpCredentials(_Section):
+    """HTTP credentials kept in files (never in the TOML): basic or bearer.
 
-    ae_title: str
+    Basic: ``username`` and ``password_file``; bearer: ``token_file``. Exactly one
+    scheme. The files must exist when the configuration is loaded.
+    """
+
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> HttpCredentials:
+        basic = self.username is not None or self.password_file is not None
+        if basic == (self.token_file is not None):
+            raise ValueError("give either username and password_file (basic) or token_file "
+                             "(bearer)")
+        if basic and (not self.username or self.password_file is None):
+            raise ValueError("basic credentials need both username and password_file")
+        if self.username is not None and ":" in self.username:
+            raise ValueError("username must not contain ':'")
+        for f in (self.password_file, self.token_file):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
+
+    @property
+    def scheme(self) -> Literal["basic", "bearer"]:
+        return "bearer" if self.token_file is not None else "basic"
+
+    def secret(self) -> str:
+        """The password or token, read from its file now (so a rotated file is used).
+
+        Raises
+        ------
+        ConfigError
+            The file cannot be read or is empty.
+        """
+        path = self.token_file if self.token_file is not None else self.password_file
+        assert path is not None  # the validator guarantees one
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read credentials ({exc.strerror})") from None
+        if not value:
+            raise ConfigError(f"{path}: the credentials file is empty")
+        return value
+
+
+ResultKind = Literal["SEG", "SR", "notification"]
+_IMAGE_KINDS: tuple[ResultKind, ...] = ("SEG", "SR")
+
+
+class PriorityRule(_Section):
+    """Worklist priority of a notification: ``priority`` when ``label`` is present."""
+
+    label: str
+    """A label name of the model package (case-insensitive), e.g. "Haemorrhage"."""
+    priority: Literal["STAT", "ASAP", "ROUTINE"] = "STAT"
+
+
+class PeerSettings(_Section):
+    """A known peer: a modality, a PACS, a workstation, a DICOMweb archive, a RIS.
+
+    ``transport`` says how results reach it: ``dimse`` (C-STORE to ``host:port`` as
+    ``ae_title``), ``dicomweb`` (STOW-RS to ``url``) or ``hl7`` (ORU^R01 over MLLP to
+    ``host:port``). Every transport goes through the same outbox.
+    """
+
+    ae_title: str | None = None
+    """Needed for dimse peers, and for peers that send us studies by STOW-RS (their
+    studies are filed under it: routing, completion rules, "caller" and
+    annotation_aes match it)."""
+    transport: Literal["dimse", "dicomweb", "hl7"] = "dimse"
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None
+    """dicomweb: the DICOMweb base URL (STOW-RS posts to ``{url}/studies``)."""
+    credentials: HttpCredentials | None = None
+    """dicomweb: how the node authenticates to the peer (basic or bearer, from files)."""
+    tls_verify: bool = True
+    """dicomweb over https: verify the server certificate (keep on outside tests)."""
+    ca_file: Path | None = None
+    """dicomweb: CA bundle to verify the server with; None = the system's."""
+    kinds: list[ResultKind] | None = None
+    """Result kinds this destination gets; None = ["SEG", "SR"] (dimse, dicomweb) or
+    ["notification"] (hl7)."""
     allow_store: bool = True
-    """May send us objects (is on the calling-AE allow-list)."""
+    """May send us objects (is on the calling-AE allow-list, and its ``stow_credentials``
+    are accepted by STOW-RS)."""
+    stow_credentials: HttpCredentials | None = None
+    """Credentials this peer presents to our ``POST /dicom-web/studies`` (STOW-RS in)."""
     quiet_period_s: float | None = Field(None, gt=0)
     """Overrides completion.quiet_period_s for studies this peer sends."""
     storage_commitment: bool = False
-    """Ask this peer for storage commitment (N-ACTION) after sending it results; an item
-    is ``confirmed`` when its N-EVENT-REPORT says so. The peer must be able to open an
-    association to us for the report (it is let in for that)."""
+    """dimse: ask this peer for storage commitment (N-ACTION) after sending it results;
+    an item is ``confirmed`` when its N-EVENT-REPORT says so. The peer must be able to
+    open an association to us for the report (it is let in for that)."""
+    receiving_application: str | None = None
+    """hl7: MSH-5 of the notification."""
+    receiving_facility: str | None = None
+    """hl7: MSH-6 of the notification."""
+    sending_facility: str | None = None
+    """hl7: MSH-4 of the notification (MSH-3 is the node's ae_title)."""
+    priority_rules: list[PriorityRule] = []
+    """hl7: the first rule whose label is present sets the priority..."""
+    default_priority: Literal["STAT", "ASAP", "ROUTINE"] = "ROUTINE"
+    """...else this one."""
+    notify_negative: bool = False
+    """hl7: also notify a study whose results found nothing."""
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    _ae = field_validator("ae_title")(
+        classmethod(lambda cls, v: None if v is None else _check_ae(v))
+    )
+
+    @property
+    def result_kinds(self) -> tuple[ResultKind, ...]:
+        """The kinds this destination gets (``kinds`` or the transport's default)."""
+        if self.kinds is not None:
+            return tuple(self.kinds)
+        return ("notification",) if self.transport == "hl7" else _IMAGE_KINDS
+
+    def address_problem(self) -> str | None:
+        """Why results cannot be sent to this peer, or None."""
+        if self.transport == "dicomweb":
+            return None if self.url else "url is needed to send results by STOW-RS"
+        if self.host is None or self.port is None:
+            return "host and port are needed to send results there"
+        return None
+
+    @model_validator(mode="after")
+    def _transport_fields(self) -> PeerSettings:
+        if self.transport == "dimse" and self.ae_title is None:
+            raise ValueError("ae_title is required for a dimse peer")
+        if self.stow_credentials is not None and self.ae_title is None:
+            raise ValueError("ae_title is required with stow_credentials (the peer's studies "
+                             "are filed under it)")
+        if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError("url must be an http:// or https:// URL")
+        if self.transport != "dicomweb" and (self.url or self.credentials):
+            raise ValueError("url and credentials apply to transport = \"dicomweb\" only")
+        if self.transport != "dimse" and self.storage_commitment:
+            raise ValueError("storage_commitment applies to transport = \"dimse\" only")
+        kinds = set(self.result_kinds)
+        if self.transport == "hl7" and kinds != {"notification"}:
+            raise ValueError("an hl7 peer gets kinds = [\"notification\"] only")
+        if self.transport != "hl7" and "notification" in kinds:
+            raise ValueError("notifications go to transport = \"hl7\" peers only")
+        return self
 
 
 class SeriesRequirement(_Section):
@@ -416,6 +552,11 @@ class ApiSettings(_Section):
     recorded in the audit trail for every change made through the API."""
     metrics_public: bool = False
     """Serve ``/metrics`` without credentials (a scraper on a trusted network)."""
+    stow: bool = True
+    """Serve STOW-RS (``POST /dicom-web/studies``) to peers with ``stow_credentials``."""
+    stow_max_part_bytes: int = Field(1 << 30, ge=1024)
+    """Largest single instance STOW-RS accepts (each part is held in memory until it is
+    whole); a larger part is answered 413."""
 
     @field_validator("token")
     @classmethod
@@ -501,7 +642,8 @@ class NodeSettings(BaseSettings):
     def allowed_calling_aes(self) -> list[str]:
         """AE titles allowed to send to us (ignored when scp.accept_any_ae)."""
         return sorted(
-            {p.ae_title for p in self.peers.values() if p.allow_store or p.storage_commitment}
+            {p.ae_title for p in self.peers.values()
+             if p.ae_title is not None and (p.allow_store or p.storage_commitment)}
         )
 
     @property
@@ -511,6 +653,8 @@ class NodeSettings(BaseSettings):
 
     def peer_by_ae(self, ae_title: str | None) -> tuple[str, PeerSettings] | None:
         """The first peer with this AE title, as (name, settings)."""
+        if ae_title is None:
+            return None
         for name, peer in self.peers.items():
             if peer.ae_title == ae_title:
                 return name, peer
@@ -536,15 +680,16 @@ class NodeSettings(BaseSettings):
         if unknown:
             raise ValueError(f"results.destinations: no [peers.{unknown[0]}] defined")
         for n in names - {"caller"}:
-            p = self.peers[n]
-            if p.host is None or p.port is None:
-                raise ValueError(f"peers.{n}: host and port are needed to send results there")
+            problem = self.peers[n].address_problem()
+            if problem is not None:
+                raise ValueError(f"peers.{n}: {problem}")
         return self
 
     def quiet_period_for(self, calling_ae: str | None) -> float:
         """The quiet period for studies sent by ``calling_ae``."""
         for peer in self.peers.values():
-            if peer.ae_title == calling_ae and peer.quiet_period_s is not None:
+            if (calling_ae is not None and peer.ae_title == calling_ae
+                    and peer.quiet_period_s is not None):
                 return peer.quiet_period_s
         return self.completion.quiet_period_s
 

@@ -17,7 +17,8 @@ file names under the data directory, never values read from a dataset.
      ├── ModelError                  a model package is invalid or cannot run
      │    └── ModelLoadError         metadata disagrees with the ONNX graph, bad checksum
      ├── InferenceError              a study cannot be turned into model input (reason stored)
-     ├── SendError                   C-STORE to a peer failed (job retried, then dead letter)
+     ├── SendError                   delivery to a peer failed (retried, then dead letter)
+     │    └── DeliveryRefused        the peer refused it for good (4xx): dead letter at once
      └── JobError                    the queue cannot accept or run a job
 """
 
@@ -78,7 +79,13 @@ class InferenceError(NodeError):
 
 
 class SendError(NodeError):
-    """A C-STORE to a peer failed; the outbox retries it, then dead-letters it."""
+    """Delivery to a peer (C-STORE, STOW-RS, MLLP) failed; the outbox retries it, then
+    dead-letters it."""
+
+
+class DeliveryRefused(SendError):
+    """The peer refused the object and would refuse it again (an HTTP 4xx, a STOW-RS
+    failure for the instance): dead-lettered at once with the peer's reason."""
 
 
 class JobError(NodeError):

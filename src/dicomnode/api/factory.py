@@ -16,6 +16,7 @@ from dicomnode.api.auth import Authenticator, current_user, resolve_token
 from dicomnode.api.metrics_collector import database_registry, exposition
 from dicomnode.api.routes import api_router, health_router
 from dicomnode.api.services import ApiServices
+from dicomnode.api.stow import PeerAuthenticator, stow_router
 from dicomnode.api.ui import STATIC_DIR, ThumbnailCache, ui_router
 
 __all__ = ["create_api"]
@@ -81,6 +82,9 @@ def create_api(services: ApiServices, settings: Any) -> FastAPI:
 
     app.include_router(health_router())
     app.include_router(api_router())
+    if settings.stow:
+        # peers' own credentials, not the operator's: see api/stow.py
+        app.include_router(stow_router(PeerAuthenticator(services.settings)))
 
     metrics_deps = [] if settings.metrics_public else [Depends(current_user)]
 

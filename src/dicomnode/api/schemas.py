@@ -123,11 +123,11 @@ class OutboxItemOut(_Out):
     id: int
     study_id: int
     study_key: str | None
-    result_id: int
+    result_id: int | None = Field(description="None for a notification (it covers the study)")
     study_version: int
     model_name: str
     model_version: str
-    kind: str = Field(description="SEG or SR")
+    kind: str = Field(description="SEG, SR or notification (HL7 ORU^R01 to a worklist)")
     destination: str
     status: Literal["pending", "sent", "dead", "dropped", "unroutable"]
     attempts: int

@@ -21,6 +21,7 @@ from dicomnode.jobs.base import RetryPolicy, TaskRegistry
 from dicomnode.jobs.local import LocalQueue
 from dicomnode.storage.db import create_db_engine, session_factory
 from dicomnode.storage.index import StudyIndex
+from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
 from dicomnode.storage.registry import ModelRegistry
@@ -53,24 +54,23 @@ class ApiServices:
     queue_sessions: sessionmaker[Session] | None = None
     """Sessions on procrastinate's database when ``jobs.url`` is another database than
     the node's; None: the queue's tables (if any) are in ``sessions``'."""
+    ingestor: Ingestor | None = None
+    """The node's ingest (STOW-RS stores through it); None where this process does not
+    receive (STOW-RS then answers 503)."""
+    ingest_gate: Callable[[], float | None] | None = None
+    """Admission check before an HTTP ingest: seconds to wait (503 Retry-After), or None."""
 
     @classmethod
-    def from_context(cls, ctx: TaskContext, sessions: sessionmaker[Session]) -> ApiServices:
-        """The services of a running node (``node.ctx``, ``node.sessions``).
-
-        Raises
-        ------
-        ValueError
-            The context lacks a store the API needs.
-        """
-        missing = [n for n in ("registry", "results", "outbox", "labels")
-                   if getattr(ctx, n) is None]
-        if missing:
-            raise ValueError(f"task context has no {', '.join(missing)}")
+    def from_context(cls, ctx: TaskContext, sessions: sessionmaker[Session],
+                     ingestor: Ingestor | None = None,
+                     ingest_gate: Callable[[], float | None] | None = None) -> ApiServices:
+        """The services of a running node (``node.ctx``, ``node.sessions``, and its
+        ``node.ingestor`` for STOW-RS)."""
         return cls(settings=ctx.settings, sessions=sessions, files=ctx.files, index=ctx.index,
-                   outbox=ctx.outbox, registry=ctx.registry,  # type: ignore[arg-type]
-                   results=ctx.results, labels=ctx.labels,  # type: ignore[arg-type]
-                   enqueue=ctx.queue.enqueue, queue_sessions=_queue_sessions(ctx.settings))
+                   outbox=ctx.outbox, registry=ctx.registry,
+                   results=ctx.results, labels=ctx.labels,
+                   enqueue=ctx.queue.enqueue, queue_sessions=_queue_sessions(ctx.settings),
+                   ingestor=ingestor, ingest_gate=ingest_gate)
 
     @classmethod
     def over(cls, settings: NodeSettings, sessions: sessionmaker[Session],

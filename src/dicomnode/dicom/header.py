@@ -28,11 +28,13 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
     "IndexHeader",
+    "Part10",
     "check_structure",
     "encode_file_meta",
     "inflate",
     "read_index_header",
     "scan_dataset",
+    "split_part10",
 ]
 
 IMPLEMENTATION_CLASS_UID = "2.25.265855375540086932647479060004934457875"
@@ -383,3 +385,68 @@ def encode_file_meta(
     )
     group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+@dataclass(frozen=True)
+class Part10:
+    """A PS3.10 file split into what the ingest needs: its File Meta UIDs and where
+    the dataset starts."""
+
+    media_storage_sop_class_uid: str
+    media_storage_sop_instance_uid: str
+    transfer_syntax_uid: str
+    dataset_offset: int
+
+
+def split_part10(data: bytes | memoryview) -> Part10:
+    """Read the File Meta Information of a PS3.10 file (preamble, "DICM", group 0002 in
+    explicit VR little endian, PS3.10 7.1) without parsing the dataset. A meta group
+    without preamble and prefix is accepted too.
+
+    Raises
+    ------
+    DatasetError
+        0xC210: not a PS3.10 file (no "DICM" prefix, truncated or malformed meta
+        group); 0xC220: a required meta UID is missing.
+    """
+    view = memoryview(data)
+    if len(view) >= 144 and bytes(view[128:132]) == b"DICM":
+        pos = 132
+    elif bytes(view[:2]) == b"\x02\x00" and bytes(view[4:6]).isalpha():
+        # Tolerant in: pydicom's dcmwrite without enforce_file_format (dicomweb-client's
+        # STOW-RS) writes the meta group with neither preamble nor "DICM" (nor its length).
+        pos = 0
+    else:
+        raise DatasetError("not a DICOM file: no DICM prefix after the 128-byte preamble")
+    values: dict[int, str] = {}
+    end = None
+    while pos + 8 <= len(view):
+        group, elem = struct.unpack_from("<HH", view, pos)
+        if group != 0x0002 or (end is not None and pos >= end):
+            break
+        vr = bytes(view[pos + 4:pos + 6])
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            if pos + 12 > len(view):
+                break
+            length = struct.unpack_from("<I", view, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", view, pos + 6)[0]
+            start = pos + 8
+        if start + length > len(view):
+            raise DatasetError("the File Meta Information is truncated")
+        value = bytes(view[start:start + length])
+        if elem == 0x0000 and length == 4:
+            end = start + length + struct.unpack("<I", value)[0]
+        values[elem] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    if end is not None and pos != end:
+        raise DatasetError("File Meta Information Group Length disagrees with the group")
+    missing = [k for k, e in (("MediaStorageSOPClassUID", 0x0002),
+                              ("MediaStorageSOPInstanceUID", 0x0003),
+                              ("TransferSyntaxUID", 0x0010)) if not values.get(e)]
+    if missing:
+        raise DatasetError(f"File Meta Information lacks {', '.join(missing)}", status=0xC220)
+    if pos >= len(view):
+        raise DatasetError("the file has no dataset after its File Meta Information")
+    return Part10(values[0x0002], values[0x0003], values[0x0010], pos)

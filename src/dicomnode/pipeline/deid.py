@@ -50,7 +50,6 @@ def deidentify_instance(ctx: TaskContext, instance_id: int) -> str:
     spool_path = inst.path
     t0 = time.perf_counter()
     raw = ctx.files.read(spool_path)
-    assert ctx.deidentifier is not None and ctx.vault is not None
     digest = ctx.deidentifier.pseudonymizer.content_digest(raw[inst.dataset_offset :])
     try:
         out = deidentify_bytes(raw, ctx.deidentifier)

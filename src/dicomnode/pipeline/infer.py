@@ -135,7 +135,6 @@ def infer(
     without retries; ONNX Runtime errors raise (the job retries, then dead-letters,
     and the study ends ``failed``).
     """
-    assert ctx.registry is not None and ctx.models is not None and ctx.results is not None
     study = ctx.index.study(study_id)
     if study is None or study.version != version or (study.run or 1) != run:
         return

@@ -102,7 +102,6 @@ def _label_numbers(segments: Iterable[Any], model_labels: Mapping[str, int]) -> 
 
 def ingest_label(ctx: TaskContext, instance_id: int) -> None:
     """Turn a de-identified annotator SEG into the annotator's label for its study."""
-    assert ctx.labels is not None and ctx.registry is not None and ctx.results is not None
     inst = ctx.index.instance(instance_id)
     if inst is None or inst.state != "deidentified":
         return
@@ -144,7 +143,6 @@ def ingest_label(ctx: TaskContext, instance_id: int) -> None:
 
 def assess_study_labels(ctx: TaskContext, study_id: int) -> dict[str, Any]:
     """Agreement between the study's annotators; flag the study below the threshold."""
-    assert ctx.labels is not None
     truths = ctx.labels.for_study(study_id)
     masks = {t.annotator: ctx.labels.load(t)[0] for t in truths}
     lc = ctx.settings.learning
@@ -174,7 +172,6 @@ def record_drift(
     only_result: int | None = None,
 ) -> None:
     """Dice of the production results on this series against the label."""
-    assert ctx.results is not None and ctx.labels is not None
     for result in ctx.results.for_study(study_id):
         if result.status != "done" or result.series_key != series_key:
             continue
@@ -196,7 +193,6 @@ def record_drift(
 
 def drift_on_result(ctx: TaskContext, result_id: int) -> None:
     """Result hook: a label that arrived before the model ran is scored now."""
-    assert ctx.results is not None and ctx.labels is not None
     result = ctx.results.get(result_id)
     if result is None or result.status != "done":
         return
@@ -213,12 +209,10 @@ class NodeLabelSource:
         self.ctx = ctx
 
     def new_label_count(self) -> int:
-        assert self.ctx.labels is not None
         return self.ctx.labels.new_since_last_run(self.ctx.settings.learning.model)
 
     def studies(self) -> Iterable[StudyInfo]:
         ctx = self.ctx
-        assert ctx.labels is not None
         for study_id in ctx.labels.labelled_studies():
             study = ctx.index.study(study_id)
             truths = ctx.labels.for_study(study_id)
@@ -240,7 +234,6 @@ class NodeLabelSource:
 
     def load(self, study: StudyInfo) -> Case:
         ctx = self.ctx
-        assert ctx.labels is not None
         study_id = ctx.index.study_id_of(study.study_key)
         assert study_id is not None
         truths = ctx.labels.for_study(study_id)
@@ -274,7 +267,6 @@ class NodeRegistryOps:
         self.ctx = ctx
 
     def active_predictor(self, name: str) -> ActiveModel | None:
-        assert self.ctx.registry is not None and self.ctx.models is not None
         active = self.ctx.registry.active(name)
         if active is None:
             return None
@@ -283,11 +275,9 @@ class NodeRegistryOps:
         )
 
     def predictor(self, package_dir: Path) -> Any:
-        assert self.ctx.models is not None
         return OnnxModel.load(package_dir, self.ctx.models.options).predict_mask
 
     def next_version(self, name: str) -> str:
-        assert self.ctx.registry is not None
         stamp = time.strftime("%Y.%m.%d")
         taken = {m.version for m in self.ctx.registry.list(name)}
         n = 1
@@ -298,7 +288,6 @@ class NodeRegistryOps:
     def register_candidate(
         self, package_dir: Path, metrics: Mapping[str, Any], card: DatasetCard
     ) -> str:
-        assert self.ctx.registry is not None
         m = self.ctx.registry.add(
             package_dir,
             created_by="dicomnode (retraining)",
@@ -308,11 +297,9 @@ class NodeRegistryOps:
         return m.version
 
     def promote(self, name: str, version: str, reason: str) -> None:
-        assert self.ctx.registry is not None
         self.ctx.registry.activate(name, version, reason=reason)
 
     def reject(self, name: str, version: str, reason: str) -> None:
-        assert self.ctx.registry is not None
         self.ctx.registry.set_status(name, version, "rejected", reason)
 
 
@@ -324,7 +311,6 @@ def run_retrain(
     ``force`` ignores ``min_new_labels`` (``dicomnode train --now``). A failure is
     recorded on the run and not retried (a retry would repeat minutes of training).
     """
-    assert ctx.labels is not None and ctx.registry is not None
     lc = ctx.settings.learning
     active = ctx.registry.active(lc.model)
     if active is None:
@@ -379,7 +365,7 @@ def run_retrain(
         metrics=json.loads(json.dumps(out.metrics, default=str)),
         card=json.loads(out.card.to_json()) if out.card is not None else {},
     )
-    if str(out.status) == "promoted" and ctx.models is not None:
+    if str(out.status) == "promoted":
         log.info("model %s %s promoted: %s", lc.model, out.version, out.reason)
     else:
         log.info("retraining %s: %s (%s)", lc.model, out.status, out.reason)

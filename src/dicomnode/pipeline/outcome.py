@@ -17,8 +17,14 @@ failed              a job of this model died, a result could not be encoded, or
                     delivery was dead-lettered
 results_held        results made, but a destination has no address (unroutable),
                     or no destination is configured
-results_sent        every result object reached every destination
+results_sent        every result object reached every destination, and the
+                    worklist notification (if one is due) was acknowledged
 ==================  ==========================================================
+
+Once every model's results are sent, the worklist notification stage runs
+(:mod:`dicomnode.pipeline.notify`): an ``hl7`` destination gets one ORU^R01 for
+the study version; the study stays ``processing`` until it is acknowledged, and
+ends ``failed`` when it is dead-lettered.
 
 The study's outcome is ``processing`` while any routed model is; else ``failed``
 if any model failed, else ``results_sent`` if any model's results were delivered,
@@ -32,6 +38,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from dicomnode.pipeline.notify import ensure_notifications
 from dicomnode.storage.models import StudyOutcome, StudyState
 
 if TYPE_CHECKING:
@@ -55,7 +62,6 @@ def _model_outcome(ctx: TaskContext, study_id: int, version: int, model: str,
                    run: int) -> tuple[str, str | None]:
     if model in failures:
         return StudyOutcome.FAILED, failures[model]
-    assert ctx.results is not None and ctx.outbox is not None
     result = next(
         (r for r in ctx.results.for_study(study_id)
          if r.study_version == version and r.model_name == model),
@@ -71,6 +77,10 @@ def _model_outcome(ctx: TaskContext, study_id: int, version: int, model: str,
     if not enc.get("destinations"):
         return StudyOutcome.RESULTS_HELD, "no result destination is configured"
     items = ctx.outbox.for_result(result.id)
+    if not items and enc.get("image_destinations") == []:
+        # only notification destinations: nothing to deliver here (the study's
+        # notification stage decides)
+        return StudyOutcome.RESULTS_SENT, None
     if not items:
         return StudyOutcome.PROCESSING, None
     statuses = {i.status for i in items}
@@ -91,6 +101,43 @@ def _model_outcome(ctx: TaskContext, study_id: int, version: int, model: str,
     kinds = sorted({i.kind for i in items if i.status in ("sent", "confirmed")})
     dests = sorted({i.destination for i in items if i.status in ("sent", "confirmed")})
     return StudyOutcome.RESULTS_SENT, f"{'+'.join(kinds)} sent to {', '.join(dests)}"
+
+
+def _notification_stage(ctx: TaskContext, study: Any, destinations: list[str],
+                        reason: str | None) -> tuple[str, str | None]:
+    """Every SEG/SR is delivered: the worklist notification is due (pipeline.notify).
+
+    The study is ``results_sent`` once the notifications are sent too; it stays
+    ``processing`` while one is pending and ends ``failed`` if one is dead-lettered.
+    """
+    items = ensure_notifications(ctx, study, destinations)
+    delivered_images = [
+        i for i in ctx.outbox.list(study_id=study.id)
+        if i.study_version == study.version and i.kind != "notification"
+        and i.status in ("sent", "confirmed")
+    ]
+    if not items:
+        if not delivered_images:
+            return StudyOutcome.RESULTS_HELD, (
+                "no destination takes SEG or SR, and no notification is due "
+                "(negative study, notify_negative off)")
+        return StudyOutcome.RESULTS_SENT, reason
+    items = [ctx.outbox.get(i.id) or i for i in items]  # current status
+    statuses = {i.status for i in items}
+    if "pending" in statuses:
+        return StudyOutcome.PROCESSING, None
+    dead = [i for i in items if i.status == "dead"]
+    if dead:
+        return StudyOutcome.FAILED, (
+            f"worklist notification to {dead[0].destination} failed: {dead[0].last_error}")
+    unroutable = sorted(i.destination for i in items if i.status == "unroutable")
+    if unroutable:
+        return StudyOutcome.RESULTS_HELD, f"no address for destination {', '.join(unroutable)}"
+    sent = sorted(i.destination for i in items if i.status in ("sent", "confirmed"))
+    if not sent:
+        return StudyOutcome.RESULTS_SENT, reason
+    note = f"notification sent to {', '.join(sent)}"
+    return StudyOutcome.RESULTS_SENT, f"{reason}; {note}" if reason else note
 
 
 def settle(ctx: TaskContext, study_id: int) -> str | None:
@@ -140,6 +187,10 @@ def settle(ctx: TaskContext, study_id: int) -> str | None:
                     f"{m}: {o}" + (f" ({why})" if why else "")
                     for m, (o, why) in sorted(per_model.items())
                 )
+            if outcome == StudyOutcome.RESULTS_SENT:
+                dests = sorted({d for m in per_model
+                                for d in (encoded.get(m) or {}).get("destinations", [])})
+                outcome, reason = _notification_stage(ctx, study, dests, reason)
     if reason is not None and len(reason) > _MAX_REASON:
         reason = reason[: _MAX_REASON - 3] + "..."
     if study.outcome != outcome or study.outcome_reason != reason:
@@ -176,7 +227,7 @@ def job_dead(task: str, ctx: TaskContext, args: Mapping[str, Any], error: str) -
                 study.version != args.get("version") or (study.run or 1) != args.get("run", 1)
             ):
                 return  # an earlier version's or run's job: its study has moved on
-    elif "result_id" in args and ctx.results is not None:
+    elif "result_id" in args:
         result = ctx.results.get(int(args["result_id"]))
         if result is None:
             return

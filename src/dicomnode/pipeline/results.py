@@ -2,10 +2,10 @@
 
 ``encode_results`` builds the objects on the *de-identified* headers (so what the
 node keeps on disk stays pseudonymous), writes them under ``results/`` and
-records one outbox row per destination before anything is sent. ``send_result``
-re-identifies one object in memory through the vault (the guard refuses any
-pseudonym left), sends it with C-STORE, and schedules its own retries with
-exponential backoff on the outbox row until it is dead-lettered.
+records one outbox row per destination and kind that destination asks for
+(``[peers.*].kinds``) before anything is sent. ``reidentified`` re-identifies one
+object in memory through the vault (the guard refuses any pseudonym left);
+``pipeline.delivery.send_result`` sends it over the destination's transport.
 
 Result UIDs are derived from (study version, model version, kind), so a rerun or
 a redelivery never makes a second object on the PACS; a later study version makes
@@ -39,15 +39,15 @@ from dicomnode.dicom.seg import SegmentSpec, build_seg
 from dicomnode.dicom.sources import sanitized_sources, surrogate_frame_of_reference
 from dicomnode.dicom.sr import build_measurement_report
 from dicomnode.dicom.volume import plan_volume
-from dicomnode.errors import InferenceError, NodeError, ReidentificationError, SendError
+from dicomnode.errors import InferenceError, ReidentificationError
 from dicomnode.modelpkg.format1 import read_model_package
+from dicomnode.pipeline.notify import resolve_peer
 from dicomnode.pipeline.outcome import record_failure, settle
-from dicomnode.scp.scu import request_commitment, send_datasets
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.tasks import TaskContext
 
-__all__ = ["encode_results", "send_result"]
+__all__ = ["destinations_for", "encode_results", "kinds_for", "reidentified"]
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,17 @@ def destinations_for(ctx: TaskContext, study_id: int, model: str) -> list[str]:
     return list(ctx.settings.results.destinations)
 
 
+def kinds_for(ctx: TaskContext, destination: str, study: Any) -> tuple[str, ...]:
+    """The SEG/SR kinds a destination asks for ("caller" matching no peer: SEG and SR,
+    so that its rows show up as unroutable instead of vanishing)."""
+    found = resolve_peer(ctx, destination, study)
+    if found is None:
+        return ("SEG", "SR")
+    return tuple(k for k in found[1].result_kinds if k in ("SEG", "SR"))
+
+
 def encode_results(ctx: TaskContext, result_id: int) -> None:
     """Build the SEG and SR of one inference result and queue them for delivery."""
-    assert ctx.results is not None and ctx.registry is not None and ctx.outbox is not None
     result = ctx.results.get(result_id)
     if result is None or result.status != "done":
         return
@@ -270,6 +278,8 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
         ctx.files.write(path, data)
         prev = previous(kind)
         for dest in dests:
+            if kind not in kinds_for(ctx, dest, study):
+                continue
             item, _ = ctx.outbox.add(
                 study_id=result.study_id,
                 result_id=result.id,
@@ -299,29 +309,12 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
         "model": result.model_name,
         "objects": [k for k, _ in objects],
         "destinations": dests,
+        "image_destinations": [d for d in dests if kinds_for(ctx, d, study)],
         "encode_s": round(encode_s, 3),
     }
     ctx.index.update_info(result.study_id, results=summary)
     ctx.index.update_info_item(result.study_id, "encoded", result.model_name, summary)
     settle(ctx, result.study_id)
-
-
-def _resolve(
-    ctx: TaskContext, destination: str, study_id: int
-) -> tuple[str, str, int, bool] | None:
-    """(AE title, host, port, storage commitment) of a destination, or None when it has
-    no address."""
-    if destination == "caller":
-        study = ctx.index.study(study_id)
-        found = ctx.settings.peer_by_ae(study.calling_ae if study else None)
-        if found is None:
-            return None
-        peer = found[1]
-    else:
-        peer = ctx.settings.peers[destination]
-    if peer.host is None or peer.port is None:
-        return None
-    return peer.ae_title, peer.host, peer.port, peer.storage_commitment
 
 
 def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
@@ -332,7 +325,6 @@ def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
     ReidentificationError
         The guard found a pseudonym or marker left, or a reference has no vault entry.
     """
-    assert ctx.outbox is not None and ctx.vault is not None
     item = ctx.outbox.get(item_id)
     assert item is not None
     study = ctx.index.study(item.study_id)
@@ -366,131 +358,3 @@ def reidentified(ctx: TaskContext, item_id: int) -> Dataset:
         kind=item.kind,
     )
     return out
-
-
-def send_result(ctx: TaskContext, outbox_id: int) -> None:
-    """Deliver one outbox item; on failure, schedule the next attempt or dead-letter it.
-
-    Never raises for a delivery failure: the outbox row is the delivery state, and
-    the retry is a new delayed job (``results.retry_base_s`` doubling, capped at
-    ``results.retry_max_s``, ``results.max_attempts`` attempts).
-    """
-    assert ctx.outbox is not None
-    item = ctx.outbox.claim_send(outbox_id)
-    if item is None:
-        return
-    address = _resolve(ctx, item.destination, item.study_id)
-    if address is None:
-        ctx.outbox.update(
-            item.id,
-            status="unroutable",
-            last_error=f"{item.destination}: no host and port configured",
-        )
-        metrics.SEND_FAILURES.labels(item.destination, "unroutable").inc()
-        log.warning("outbox %d: %s has no address; not sent", item.id, item.destination)
-        settle(ctx, item.study_id)
-        return
-    ae_title, host, port, commitment = address
-    rs = ctx.settings.results
-    attempts = item.attempts + 1
-    metrics.SEND_ATTEMPTS.labels(item.destination).inc()
-    try:
-        t0 = time.perf_counter()
-        ds = reidentified(ctx, item.id)
-        t1 = time.perf_counter()
-        [status] = send_datasets(
-            [ds],
-            host,
-            port,
-            calling_ae=ctx.settings.ae_title,
-            called_ae=ae_title,
-            timeout_s=rs.timeout_s,
-        )
-        t2 = time.perf_counter()
-        if status not in (0x0000, 0xB000, 0xB006, 0xB007):
-            raise SendError(f"{ae_title} answered C-STORE status 0x{status:04X}")
-    except ReidentificationError as exc:
-        # Fail closed: never send, never retry on its own; an operator looks at it.
-        ctx.outbox.update(item.id, status="dead", attempts=attempts, last_error=str(exc))
-        log.error("outbox %d refused by the re-identification guard: %s", item.id, exc)
-        metrics.SEND_FAILURES.labels(item.destination, "dead").inc()
-        audit(
-            "reidentified",
-            user="reidentify",
-            outcome=8,
-            outcome_description=str(exc),
-            sop_class_uid=item.sop_class_uid,
-            outbox_id=item.id,
-            kind=item.kind,
-        )
-        settle(ctx, item.study_id)
-        return
-    except NodeError as exc:
-        delay = min(rs.retry_max_s, rs.retry_base_s * 2 ** (attempts - 1))
-        dead = attempts >= rs.max_attempts
-        metrics.SEND_FAILURES.labels(item.destination, "dead" if dead else "retry").inc()
-        _audit_send(ctx, item, ae_title, host, attempts, error=str(exc))
-        if dead:
-            ctx.outbox.update(
-                item.id, status="dead", attempts=attempts, last_error=str(exc), next_attempt_at=None
-            )
-            log.error("outbox %d dead after %d attempts: %s", item.id, attempts, exc)
-            settle(ctx, item.study_id)
-            return
-        ctx.outbox.update(
-            item.id, attempts=attempts, last_error=str(exc), next_attempt_at=time.time() + delay
-        )
-        ctx.queue.enqueue("send_result", {"outbox_id": item.id}, delay_s=delay)
-        log.warning(
-            "outbox %d attempt %d failed (%s); next in %.0f s", item.id, attempts, exc, delay
-        )
-        return
-    if commitment:
-        # One transaction per item and attempt, recorded before the request: the report
-        # can arrive (on another association) before the N-ACTION response does.
-        transaction = derived_uid("commitment", item.sop_instance_uid, item.destination, attempts)
-        ctx.outbox.update(item.id, commitment_uid=transaction)
-        try:
-            request_commitment(
-                transaction,
-                [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))],
-                host,
-                port,
-                calling_ae=ctx.settings.ae_title,
-                called_ae=ae_title,
-                timeout_s=rs.timeout_s,
-            )
-        except NodeError as exc:  # stored but not committed: still sent, say why
-            log.warning("outbox %d: storage commitment request failed: %s", item.id, exc)
-    # Conditional: a commitment report may already have confirmed the item.
-    ctx.outbox.mark_sent(
-        item.id,
-        attempts=attempts,
-        timings={"reidentify_s": round(t1 - t0, 4), "send_s": round(t2 - t1, 4)},
-    )
-    metrics.STAGE_SECONDS.labels("reidentify").observe(t1 - t0)
-    metrics.STAGE_SECONDS.labels("send").observe(t2 - t1)
-    _audit_send(ctx, item, ae_title, host, attempts)
-    log.info("outbox %d: %s sent to %s", item.id, item.kind, item.destination)
-    settle(ctx, item.study_id)
-
-
-def _audit_send(
-    ctx: TaskContext, item: Any, ae_title: str, host: str, attempts: int, error: str | None = None
-) -> None:
-    study = ctx.index.study(item.study_id)
-    audit(
-        "result_sent",
-        user=ctx.settings.ae_title,
-        ae_title=ctx.settings.ae_title,
-        peer_name=item.destination,
-        peer_ae=ae_title,
-        peer_address=host,
-        study_key=study.study_key if study else None,
-        sop_class_uid=item.sop_class_uid,
-        outcome=0 if error is None else 4,
-        outcome_description=error,
-        outbox_id=item.id,
-        kind=item.kind,
-        attempt=attempts,
-    )

@@ -1,7 +1,8 @@
-"""Task functions run by the job queue, and the context they receive.
+"""Task functions run by the job queue, the context they receive, and the task table.
 
 Every task takes the :class:`TaskContext` and IDs only, is idempotent, and knows
-nothing of the backend that runs it (see ``dicomnode.jobs.base``).
+nothing of the backend that runs it (see ``dicomnode.jobs.base``). :data:`TASKS`
+names each task, its queue, its function and its failure policy in one place.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from dicomnode.config import NodeSettings
 from dicomnode.dicom.deid import Deidentifier
 from dicomnode.inference import ModelSessions
 from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.pipeline.deid import deidentify_instance, deidentify_study
+from dicomnode.pipeline.delivery import send_result
 from dicomnode.pipeline.infer import infer
 from dicomnode.pipeline.learning import ingest_label, is_label, retrain_periodic, retrain_task
 from dicomnode.pipeline.outcome import job_dead
-from dicomnode.pipeline.results import encode_results, send_result
+from dicomnode.pipeline.results import encode_results
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
@@ -29,7 +32,9 @@ from dicomnode.storage.spool import FileStore
 from dicomnode.storage.vault import Vault
 
 __all__ = [
+    "TASKS",
     "CompletionHook",
+    "PipelineTask",
     "ResultHook",
     "TaskContext",
     "enqueue_encoding",
@@ -48,19 +53,20 @@ ResultHook = Callable[["TaskContext", int], None]
 
 @dataclass
 class TaskContext:
-    """The node's services, as every task sees them."""
+    """The node's services, as every task sees them: every part is there (the app builds
+    them all, whatever the process's role), so no task checks for a missing one."""
 
     settings: NodeSettings
     index: StudyIndex
     files: FileStore
     queue: JobQueue
-    deidentifier: Deidentifier | None = None
-    vault: Vault | None = None
-    registry: ModelRegistry | None = None
-    models: ModelSessions | None = None
-    results: ResultStore | None = None
-    outbox: Outbox | None = None
-    labels: LabelStore | None = None
+    deidentifier: Deidentifier
+    vault: Vault
+    registry: ModelRegistry
+    models: ModelSessions
+    results: ResultStore
+    outbox: Outbox
+    labels: LabelStore
     completion_hooks: list[CompletionHook] = field(default_factory=list)
     result_hooks: list[ResultHook] = field(default_factory=list)
     deid_hooks: list[ResultHook] = field(default_factory=list)
@@ -80,33 +86,45 @@ def study_complete(ctx: TaskContext, study_id: int, version: int) -> None:
     log.info("study %d version %d complete", study_id, version)
 
 
-def register_tasks(registry: TaskRegistry) -> None:
-    """Register the pipeline's tasks on their queues.
+@dataclass(frozen=True)
+class PipelineTask:
+    """One row of the task table."""
 
-    The tasks that carry a study's processing record their dead letter on the study
-    (``pipeline.outcome.job_dead``), so it ends ``failed`` with the reason.
-    """
-    registry.register(
-        "study_complete", study_complete, queue="default",
-        on_dead=partial(job_dead, "study_complete"),
-    )
-    registry.register("deidentify_instance", deidentify_instance, queue="ingest")
-    registry.register(
-        "deidentify_study", deidentify_study, queue="ingest",
-        on_dead=partial(job_dead, "deidentify_study"),
-    )
-    registry.register("infer", infer, queue="gpu", on_dead=partial(job_dead, "infer"))
-    registry.register(
-        "encode_results", encode_results, queue="cpu", on_dead=partial(job_dead, "encode_results")
-    )
+    name: str
+    queue: str
+    function: Callable[..., Any]
+    retry: RetryPolicy | None = None
+    """None: the queue's default policy (``[jobs]``)."""
+    records_failure: bool = False
+    """A dead letter is recorded on the study (``pipeline.outcome.job_dead``), so it ends
+    ``failed`` with the reason."""
+
+
+_ONCE = RetryPolicy(max_attempts=1)
+
+TASKS: tuple[PipelineTask, ...] = (
+    PipelineTask("study_complete", "default", study_complete, records_failure=True),
+    PipelineTask("deidentify_instance", "ingest", deidentify_instance),
+    PipelineTask("deidentify_study", "ingest", deidentify_study, records_failure=True),
+    PipelineTask("infer", "gpu", infer, records_failure=True),
+    PipelineTask("encode_results", "cpu", encode_results, records_failure=True),
     # send_result keeps its own retry schedule on the outbox row: one attempt per job
-    registry.register("send_result", send_result, queue="send", retry=RetryPolicy(max_attempts=1))
-    registry.register("ingest_label", ingest_label, queue="cpu")
+    PipelineTask("send_result", "send", send_result, retry=_ONCE),
+    PipelineTask("ingest_label", "cpu", ingest_label),
     # a failed training run is recorded, not retried (minutes of CPU each time)
-    registry.register("retrain", retrain_task, queue="train", retry=RetryPolicy(max_attempts=1))
-    registry.register(
-        "retrain_periodic", retrain_periodic, queue="train", retry=RetryPolicy(max_attempts=1)
-    )
+    PipelineTask("retrain", "train", retrain_task, retry=_ONCE),
+    PipelineTask("retrain_periodic", "train", retrain_periodic, retry=_ONCE),
+)
+"""Every pipeline task: name, queue, function, retry policy, dead-letter recording."""
+
+
+def register_tasks(registry: TaskRegistry) -> None:
+    """Register the pipeline's tasks (:data:`TASKS`) on their queues."""
+    for t in TASKS:
+        registry.register(
+            t.name, t.function, queue=t.queue, retry=t.retry,
+            on_dead=partial(job_dead, t.name) if t.records_failure else None,
+        )
 
 
 def enqueue_label(ctx: TaskContext, instance_id: int) -> None:

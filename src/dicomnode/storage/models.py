@@ -314,17 +314,22 @@ class OutboxItem(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    result_id: Mapped[int] = mapped_column(
+    result_id: Mapped[int | None] = mapped_column(
         ForeignKey("inference_result.id", ondelete="CASCADE"), index=True
     )
+    """The inference result a SEG/SR was made from; None for a notification (it covers
+    every result of the study version)."""
     study_version: Mapped[int] = mapped_column(Integer)
     model_name: Mapped[str] = mapped_column(String(64))
+    """The model (SEG/SR); the models of the study, comma-separated (notification)."""
     model_version: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(8))
-    """SEG | SR"""
+    kind: Mapped[str] = mapped_column(String(16))
+    """SEG | SR | notification (HL7 ORU^R01 to a worklist)"""
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    """The object's own UID: deterministic for (study version, model version, kind)."""
+    """The object's own UID: deterministic for (study version, model version, kind); for a
+    notification, a UID derived from (study, version), whose hash is the HL7 message
+    control ID."""
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     """The object as built, on pseudonymous data; re-identified in memory when sent."""

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.storage.models import OutboxItem
@@ -26,7 +27,15 @@ class Outbox:
 
     def add(self, **values: Any) -> tuple[OutboxItem, bool]:
         """Record an object for a destination; (row, created). Idempotent per
-        (SOP Instance UID, destination): a rerun finds the existing row."""
+        (SOP Instance UID, destination): a rerun finds the existing row, and so does a
+        concurrent caller that lost the race to insert it (two deliveries settling the
+        same study both record its notification)."""
+        try:
+            return self._add(dict(values))
+        except IntegrityError:
+            return self._add(values)
+
+    def _add(self, values: dict[str, Any]) -> tuple[OutboxItem, bool]:
         with self.sessions.begin() as s:
             row = s.execute(
                 select(OutboxItem).where(

@@ -135,7 +135,7 @@ def build_cxr_demo(out: Path, *, n_train: int = 400, epochs: int = 12, seed: int
         "inference": {"mode": "whole", "patch": list(SIZE), "batch": 1},
         "outputs": {"name": "logits", "kind": "logits", "activation": "sigmoid",
                     "labels": [label]},
-        "provenance": {k: v for k, v in metrics.items()},
+        "provenance": dict(metrics),
     }
     onnx = export_static(net, (1, 1, *SIZE), input_name="image")
     write_format2_package(out, {"model.onnx": onnx}, doc)

@@ -114,6 +114,9 @@ _T_STUDY_DATE = 0x00080020
 _T_STUDY_TIME = 0x00080030
 _T_REFERRING = 0x00080090
 _T_STUDY_DESC = 0x00081030
+_T_PLACER_ORDER = 0x00402016
+_T_FILLER_ORDER = 0x00402017
+_T_REQUEST_ATTRIBUTES = 0x00400275
 _T_CONTRIB_EQUIP = 0x0018A001
 
 _MARKERS = {
@@ -392,6 +395,12 @@ class Deidentifier:
             "referring_physician_name": text(_T_REFERRING),
             "study_description": text(_T_STUDY_DESC),
             "specific_character_set": charset,
+            # for the worklist notification (HL7 ORC/OBR-2 and -3); top level, else the
+            # first Request Attributes item that has them
+            "placer_order_number": text(_T_PLACER_ORDER)
+            or _requested(ds, "PlacerOrderNumberImagingServiceRequest"),
+            "filler_order_number": text(_T_FILLER_ORDER)
+            or _requested(ds, "FillerOrderNumberImagingServiceRequest"),
         }
 
     # ------------------------------------------------------------------ the walk
@@ -808,3 +817,17 @@ def deidentify(
         As :meth:`Deidentifier.deidentify`.
     """
     return Deidentifier(pseudonymizer, options).deidentify(ds)
+
+
+def _requested(ds: Dataset, keyword: str) -> str | None:
+    """``keyword`` from the first Request Attributes Sequence item that has a value."""
+    if _T_REQUEST_ATTRIBUTES not in ds._dict:
+        return None
+    try:
+        for item in ds.RequestAttributesSequence:
+            value = item.get(keyword)
+            if value:
+                return str(value).strip()
+    except Exception:  # an unreadable sequence: the notification goes without it
+        return None
+    return None

@@ -73,6 +73,10 @@ class IdentityRecord:
     pseudo_study_instance_uid: str
     pseudo_accession_number: str | None
     pseudo_study_id: str | None
+    placer_order_number: str | None = None
+    """Placer Order Number / Imaging Service Request (0040,2016), if the modality sent it."""
+    filler_order_number: str | None = None
+    """Filler Order Number / Imaging Service Request (0040,2017), if the modality sent it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,10 +84,11 @@ class IdentityRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IdentityRecord:
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        # the order numbers came later: identities stored before them have none
+        missing = names - data.keys() - {"placer_order_number", "filler_order_number"}
         if missing:
             raise ValueError(f"IdentityRecord.from_json: missing fields {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
     def pseudonyms(self) -> tuple[str, ...]:
         """The non-UID pseudonyms an outgoing object must not carry (for the guard)."""
