@@ -27,6 +27,7 @@ from prometheus_client import Counter, Histogram
 
 __all__ = [
     "ASSOCIATIONS",
+    "CONNECTIONS_DROPPED",
     "INFERENCE_SECONDS",
     "INSTANCES_RECEIVED",
     "INSTANCES_REJECTED",
@@ -54,6 +55,13 @@ ASSOCIATIONS = Counter(
     "dicomnode_associations",
     "Associations requested of the storage SCP, by outcome (accepted, rejected, aborted).",
     ["event"],
+)
+CONNECTIONS_DROPPED = Counter(
+    "dicomnode_connections_dropped",
+    "TCP connections to the storage SCP closed before they associated, by reason (closed, "
+    "incomplete, timeout, tls_handshake, not_dicom, unexpected_pdu, source_limit, "
+    "pending_limit); see scp/gate.py.",
+    ["reason"],
 )
 STAGE_SECONDS = Histogram(
     "dicomnode_stage_seconds",
