@@ -1,4 +1,4 @@
-"""The storage SCP: one pynetdicom AE behind the pre-association gate, plain and/or TLS, graceful stop."""
+"""The storage SCP: one pynetdicom AE behind the pre-association gate; plain and/or TLS."""
 
 from __future__ import annotations
 
@@ -178,6 +178,8 @@ class StorageServer:
             ),
         )
         self.ports: dict[str, int] = {}
+        self.served = 0
+        """Associations admitted since start."""
 
     # -- admission: the one place where a new association is let in or turned away -------
 
@@ -238,6 +240,7 @@ class StorageServer:
 
         assoc.run = run_and_release  # type: ignore[method-assign]
         self._registered = assoc
+        self.served += 1
         with self._live_lock:
             self._live.add(assoc)
         assoc.dul._run_loop_delay = self._poll_s
