@@ -111,7 +111,8 @@ class ScpSettings(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     poll_interval_s: float = Field(0.0002, gt=0, le=0.01)
     """How often an association's network thread polls its socket when idle (pynetdicom's
-    DUL loop; its default 0.001 s halves C-STORE throughput, see DESIGN.md)."""
+    DUL loop; its default 0.001 s halves C-STORE throughput, see DESIGN.md), while at
+    most ``fast_poll_max_associations`` associations run."""
     event_reactor: bool = True
     """Serve each decoded C-STORE as soon as it arrives instead of after pynetdicom's fixed
     1 ms reactor sleep (scp/reactor.py; 1.14-1.18x ingest on one association, measured).
