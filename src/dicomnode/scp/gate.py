@@ -22,7 +22,10 @@ Every drop increments ``dicomnode_connections_dropped{reason}`` and is audited, 
 one line per source address per ``audit_interval_s`` (with the counts since the last).
 
 One thread serves every pending connection of a process. Several processes may share a
-listening socket: an accept that another process won is simply skipped.
+listening socket: an accept that another process won is simply skipped, and a process
+that is busier than another (``least_loaded``) leaves the next connection to the others
+for a moment (``_DEFER_S``), so that sixteen modalities connecting at once spread over
+the processes instead of all landing on whichever woke first.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ _MAX_BUFFERED = 256 * 1024
 """Bytes of an A-ASSOCIATE-RQ read ahead at most; a longer PDU (very rare: huge user
 identity tokens) is handed over once this much arrived and pynetdicom reads the rest."""
 _ACCEPT_BATCH = 64
+_DEFER_S = 0.003
+"""How long a busier process leaves a waiting connection to the others before it takes
+it anyway (a less loaded process that does not take it may be stuck)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,11 @@ class AssociationGate:
         At most one audit line per source address per this interval.
     on_reject
         Told of each rejection sent (request, rejection), for logs and metrics.
+    least_loaded
+        With several processes on one listening socket: whether this process should
+        take the next connection now (else it waits ``_DEFER_S`` first).
+    on_pending
+        Told how many connections wait here whenever that changes.
     """
 
     def __init__(
@@ -180,7 +191,12 @@ class AssociationGate:
         network_timeout_s: float | None,
         audit_interval_s: float = 60.0,
         on_reject: Callable[[AssociationRequest, Rejection], None] | None = None,
+        least_loaded: Callable[[], bool] | None = None,
+        on_pending: Callable[[int], None] | None = None,
     ) -> None:
+        self.least_loaded = least_loaded
+        self.on_pending = on_pending
+        self._deferred: dict[socket.socket, float] = {}  # listener -> take anyway at
         self.admit = admit
         self.hand_off = hand_off
         self.on_reject = on_reject
@@ -252,6 +268,8 @@ class AssociationGate:
             now = time.monotonic()
             first = next(iter(self._pending.values()), None)
             timeout = 1.0 if first is None else min(1.0, max(0.0, first.deadline - now))
+            if self._deferred:
+                timeout = min(timeout, max(0.0, min(self._deferred.values()) - now))
             ready = self._sel.select(timeout)
             for key, mask in ready:
                 if key.data is None:
@@ -260,7 +278,13 @@ class AssociationGate:
                     self._accept(key.fileobj)  # type: ignore[arg-type]
                 else:
                     self._advance(key.data, mask)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            for listener, at in list(self._deferred.items()):
+                if at <= now:  # nobody took it: take it now
+                    del self._deferred[listener]
+                    self._sel.register(listener, selectors.EVENT_READ, listener)
+                    self._accept(listener, force=True)
+            self._expire(now)
             if time.monotonic() - last_flush >= 1.0:
                 last_flush = time.monotonic()
                 self.drops.flush()
@@ -272,9 +296,16 @@ class AssociationGate:
         except OSError:
             pass
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, *, force: bool = False) -> None:
         ctx = self._listeners.get(listener)
         for _ in range(_ACCEPT_BATCH):
+            if not force and self.least_loaded is not None and not self.least_loaded():
+                # Leave it to a less busy process; the listener rests meanwhile (it stays
+                # readable, and would wake this loop without pause).
+                self._unregister(listener)
+                self._deferred[listener] = time.monotonic() + _DEFER_S
+                return
+            force = False
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -303,6 +334,7 @@ class AssociationGate:
             self._pending[sock] = p
             self._per_source[host] += 1
             self._sel.register(sock, selectors.EVENT_READ, p)
+            self._pending_changed()
             # The request often arrives with the connection: look now, not after a wake-up.
             self._advance(p, selectors.EVENT_READ)
 
@@ -365,7 +397,12 @@ class AssociationGate:
             self._per_source[p.host] -= 1
             if self._per_source[p.host] <= 0:
                 del self._per_source[p.host]
+            self._pending_changed()
         self._unregister(p.sock)
+
+    def _pending_changed(self) -> None:
+        if self.on_pending is not None:
+            self.on_pending(len(self._pending))
 
     def _unregister(self, sock: socket.socket) -> None:
         try:

@@ -166,7 +166,7 @@ class ReceiverPool:
         self.ports = {lst.name: lst.port for lst in self._listeners}
         with contextlib.suppress(ValueError):  # already started by an earlier pool
             self._ctx.set_forkserver_preload([self.target.__module__])
-        self._cells = self._ctx.Array("i", self.n)
+        self._cells = self._ctx.Array("i", 2 * self.n)
         for i in range(self.n):
             self._spawn(i)
         try:
@@ -242,7 +242,7 @@ class ReceiverPool:
         if cells is None:
             return
         with cells.get_lock():
-            cells[i] = 0  # its associations died with it
+            cells[i] = cells[self.n + i] = 0  # its associations died with it
         time.sleep(_RESTART_DELAY_S)
         if self._stopping.is_set():
             return

@@ -176,6 +176,8 @@ class StorageServer:
             on_reject=lambda request, rejection: record_rejection(
                 request, rejection, self.ae.ae_title
             ),
+            least_loaded=self.slots.least_loaded,
+            on_pending=self.slots.set_pending,
         )
         self.ports: dict[str, int] = {}
         self.served = 0
