@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from nodeutil import DCMTK_ENV, write_study  # noqa: E402
+from nodeutil import DCMTK_ENV, deep_merge, write_study  # noqa: E402
 from peers import (  # noqa: E402
     fresh_dir,
     machine,
@@ -106,10 +106,9 @@ def run(studies: list[list[Path]], reps: int, ks: list[int], variants: list[str]
                 elif name == "orthanc":
                     r = start_orthanc(d)
                 else:
-                    r = start_dicomnode(d, {"completion": {"quiet_period_s": 600.0},
-                                            "scp": {"max_associations": 32},
-                                            **NODE_VARIANTS[name]})
-                    time.sleep(1.0)  # receiving processes up and idle
+                    r = start_dicomnode(d, deep_merge(
+                        {"completion": {"quiet_period_s": 600.0},
+                         "scp": {"max_associations": 32}}, NODE_VARIANTS[name]))
                 try:
                     t = send_studies(r.port, r.ae_title, sent)
                     got = count_received(name, r)
