@@ -84,10 +84,9 @@ _PYNETDICOM_POLL_S = 0.001
 
 
 def _on_connection(event: evt.Event, event_reactor: bool) -> None:
-    """EVT_CONN_OPEN: give the new association the event-driven reactor and network loop."""
+    """EVT_CONN_OPEN: give the new association the event-driven reactor."""
     if event_reactor:
         reactor.install(event.assoc)
-        reactor.install_dul(event.assoc)
 
 
 class StorageServer:
