@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config
@@ -477,7 +478,10 @@ def create_node(
             server = _storage_server(settings, ingestor, ctx.outbox)
         else:
             # Receiving processes (scp/pool.py) build their own parts with receive().
-            server = ReceiverPool(settings.scp, processes, receive, (settings,))
+            from dicomnode.logsetup import current_logging
+
+            server = ReceiverPool(settings.scp, processes, receive,
+                                  (settings, current_logging()))
     return Node(settings, engine, sessions, files, index, queue, ctx, server, ingestor)
 
 
@@ -521,8 +525,8 @@ class Receiver:
                  self.index, os.getpid(), self.server.served)
 
 
-def receive(settings: NodeSettings, *, listeners: list[Listener], slots: AssociationSlots,
-            index: int) -> Receiver:
+def receive(settings: NodeSettings, logging_as: tuple[bool, Path | None] | None, *,
+            listeners: list[Listener], slots: AssociationSlots, index: int) -> Receiver:
     """Run the SCP in a receiving process on the main process's listening sockets.
 
     Called by ``scp/pool.py`` in each receiving process: it logs like the main process,
@@ -531,8 +535,10 @@ def receive(settings: NodeSettings, *, listeners: list[Listener], slots: Associa
     """
     from dicomnode.logsetup import configure_logging
 
-    configure_logging(settings.log_level, json_logs=settings.log_json,
-                      audit_path=settings.audit_file or settings.data_dir.resolve() / "audit.jsonl")
+    # as the main process logs (``logging_as``), else as the CLI would configure it
+    json_logs, audit_path = logging_as or (
+        settings.log_json, settings.audit_file or settings.data_dir.resolve() / "audit.jsonl")
+    configure_logging(settings.log_level, json_logs=json_logs, audit_path=audit_path)
     logging.getLogger("pynetdicom").setLevel(
         max(logging.WARNING, logging.getLevelName(settings.log_level)))
     node = create_node(settings, scp=False, workers={})
