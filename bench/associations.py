@@ -29,7 +29,8 @@ from peers import fresh_dir, machine, start_dicomnode, start_orthanc, start_stor
 
 from dicomnode.dicom.phantom import make_ct_study  # noqa: E402
 
-RECEIVERS = ("storescp", "orthanc", "dicomnode")
+RECEIVERS = ("storescp", "orthanc", "dicomnode", "dicomnode-1proc")
+NODE_CONFIG = {"dicomnode": {}, "dicomnode-1proc": {"scp": {"processes": 1}}}
 
 
 def send_each(port: int, aec: str, files: list[Path]) -> float:
@@ -62,7 +63,8 @@ def main() -> None:
                 d = fresh_dir(work / f"{name}-{rep}")
                 r = (start_storescp(d) if name == "storescp" else start_orthanc(d)
                      if name == "orthanc" else
-                     start_dicomnode(d, {"completion": {"quiet_period_s": 600.0}}))
+                     start_dicomnode(d, {"completion": {"quiet_period_s": 600.0},
+                                         **NODE_CONFIG[name]}))
                 try:
                     t = send_each(r.port, r.ae_title, files)
                     if count_received(name, r) != len(files):

@@ -37,7 +37,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
+def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[Any] | None = None) -> None:
     """Wait until something accepts connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,15 +163,16 @@ class NodeProcess:
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
         )
         log.close()
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command} exited: {self.log_text()[-2000:]}")
+            return " serving as " in self.log_path.read_bytes()[seen:].decode(errors="replace")
+
         if self.command[0] == "serve":
             wait_port(wait_port_no or self.port, proc=self.proc)
-        else:  # a worker: ready once it says so
-            def ready() -> bool:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.command} exited: {self.log_text()[-2000:]}")
-                return " serving as " in self.log_path.read_bytes()[seen:].decode(errors="replace")
-
-            wait_for(ready, 60)
+        # ready once it says so: a node with receiving processes (scp.processes) listens
+        # before they have started, and answers once they have
+        wait_for(ready, 60)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -8,14 +8,16 @@ need as arguments, never through globals. Wiring is fixed once ``start`` runs.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import audit
@@ -35,7 +37,7 @@ from dicomnode.inference.golden import golden_validator
 from dicomnode.inference.worker import IsolatedSessions
 from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.jobs.local import LocalQueue
-from dicomnode.pipeline.deid import deidentify_pending
+from dicomnode.pipeline.deid import deidentify_pending, sweep_deid
 from dicomnode.pipeline.infer import route_study
 from dicomnode.pipeline.learning import drift_on_result
 from dicomnode.pipeline.tasks import (
@@ -45,9 +47,12 @@ from dicomnode.pipeline.tasks import (
     enqueue_label,
     register_tasks,
 )
+from dicomnode.scp.pool import ReceiverPool
 from dicomnode.scp.server import StorageServer
+from dicomnode.scp.slots import AssociationSlots
+from dicomnode.scp.transport import Listener
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
-from dicomnode.storage.index import RecordOutcome, StudyIndex
+from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.keys import load_secret, vault_key
 from dicomnode.storage.labels import LabelStore
@@ -130,7 +135,7 @@ class Node:
     index: StudyIndex
     queue: JobQueue
     ctx: TaskContext
-    server: StorageServer | None
+    server: StorageServer | ReceiverPool | None
     ingestor: Ingestor | None = None
     scheduler: Any = None
     api: Any = None
@@ -156,13 +161,8 @@ class Node:
             if reindexed:
                 log.info("indexed %d spool file(s) whose index rows an earlier run lost", reindexed)
         self.queue.start(self.ctx)
-        pending = {
-            self.index.instance(i).study_id  # type: ignore[union-attr]
-            for i in self.index.instances_in_state("received")
-        }
-        for study_id in pending:
-            # jobs are idempotent: a second one for the same study finds it done
-            self.queue.enqueue("deidentify_study", {"study_id": study_id})
+        # Instances left identified by an earlier run: their deadlines are in the index.
+        sweep_deid(self.ctx)
         for study_id, version in self.index.unhooked():
             self._enqueue_completion(None, study_id, version)
         t = threading.Thread(target=self._completion_loop, name="completion", daemon=True)
@@ -254,16 +254,23 @@ class Node:
         return n
 
     def _completion_loop(self) -> None:
-        interval = self.settings.completion.check_interval_s
-        last_expiry = 0.0
-        while not self._stop.wait(interval):
+        check_s = self.settings.completion.check_interval_s
+        sweep_s = self.settings.deid.sweep_interval_s
+        last_check = last_sweep = last_expiry = time.monotonic()
+        while not self._stop.wait(min(check_s, sweep_s)):
+            now = time.monotonic()
             try:
-                self.check_completion()
-                if time.time() - last_expiry > 10:
-                    last_expiry = time.time()
+                if now - last_sweep >= sweep_s * 0.999:
+                    last_sweep = now
+                    sweep_deid(self.ctx)
+                if now - last_check >= check_s * 0.999:
+                    last_check = now
+                    self.check_completion()
+                if now - last_expiry > 10:
+                    last_expiry = now
                     self.expire_spool()
             except Exception:
-                log.exception("completion check failed; retrying")
+                log.exception("completion check or de-identification sweep failed; retrying")
 
 
 _RUNNING: dict[str, Node] = {}
@@ -492,33 +499,81 @@ def create_node(
     ctx.result_hooks += [enqueue_encoding, drift_on_result]
     ctx.deid_hooks.append(enqueue_label)
 
-    def enqueue_deid(conn: Connection, outcome: RecordOutcome) -> None:
-        # At most one job per study per second of arrivals; each job handles every
-        # instance still pending when it runs (pipeline/deid.py).
-        second = int(time.time())
-        queue.enqueue(
-            "deidentify_study",
-            {"study_id": outcome.study_id},
-            session=conn,
-            dedup_key=f"deid:{outcome.study_id}:{second}",
-            delay_s=settings.deid.settle_s + 0.2,
-        )
-
-    server = ingestor = None
+    server: StorageServer | ReceiverPool | None = None
+    ingestor = None
     if scp:
-        ingestor = Ingestor(
-            files,
-            index,
-            pseudonymizer,
-            quiet_period_for=settings.quiet_period_for,
-            max_wait_s=settings.completion.max_wait_s,
-            on_recorded=enqueue_deid,
-        )
-        server = StorageServer(
-            settings.ae_title,
-            settings.scp,
-            settings.allowed_calling_aes(),
-            ingestor,
-            on_commitment=ctx.outbox.commitment_report,
-        )
+        ingestor = _ingestor(settings, files, index, pseudonymizer)
+        processes = settings.scp.effective_processes
+        if processes == 1:
+            server = _storage_server(settings, ingestor, ctx.outbox)
+        else:
+            # Receiving processes (scp/pool.py) build their own parts with receive().
+            from dicomnode.logsetup import current_logging
+
+            server = ReceiverPool(settings.scp, processes, receive,
+                                  (settings, current_logging()))
     return Node(settings, engine, sessions, files, index, queue, ctx, server, ingestor)
+
+
+def _ingestor(settings: NodeSettings, files: FileStore, index: StudyIndex,
+              pseudonymizer: Pseudonymizer) -> Ingestor:
+    return Ingestor(
+        files,
+        index,
+        pseudonymizer,
+        quiet_period_for=settings.quiet_period_for,
+        max_wait_s=settings.completion.max_wait_s,
+        deid_delay_s=settings.deid.max_delay_s,
+    )
+
+
+def _storage_server(settings: NodeSettings, ingestor: Ingestor, outbox: Outbox | None,
+                    slots: AssociationSlots | None = None) -> StorageServer:
+    return StorageServer(
+        settings.ae_title,
+        settings.scp,
+        settings.allowed_calling_aes(),
+        ingestor,
+        on_commitment=outbox.commitment_report if outbox is not None else None,
+        slots=slots,
+    )
+
+
+@dataclass
+class Receiver:
+    """What one receiving process runs (``scp.processes`` > 1): the SCP and what it writes."""
+
+    node: Node
+    server: StorageServer
+    index: int
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.server.stop(grace_s)
+        self.node.engine.dispose()
+        self.node.files.close()
+        log.info("receiving process %d (pid %d) stopped after %d association(s)",
+                 self.index, os.getpid(), self.server.served)
+
+
+def receive(settings: NodeSettings, logging_as: tuple[bool, Path | None] | None, *,
+            listeners: list[Listener], slots: AssociationSlots, index: int) -> Receiver:
+    """Run the SCP in a receiving process on the main process's listening sockets.
+
+    Called by ``scp/pool.py`` in each receiving process: it logs like the main process,
+    opens its own database engine and file store, and only receives (the main process
+    runs the job workers and the completion loop).
+    """
+    from dicomnode.logsetup import configure_logging
+
+    # as the main process logs (``logging_as``), else as the CLI would configure it
+    json_logs, audit_path = logging_as or (
+        settings.log_json, settings.audit_file or settings.data_dir.resolve() / "audit.jsonl")
+    configure_logging(settings.log_level, json_logs=json_logs, audit_path=audit_path)
+    logging.getLogger("pynetdicom").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    node = create_node(settings, scp=False, workers={})
+    ingestor = _ingestor(settings, node.files, node.index, node.ctx.deidentifier.pseudonymizer)
+    server = _storage_server(settings, ingestor, node.ctx.outbox, slots)
+    server.start(listeners)
+    log.info("receiving process %d (pid %d) ready", index, os.getpid())
+    return Receiver(node, server, index)

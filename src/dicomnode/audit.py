@@ -39,6 +39,8 @@ event                      EventID / EventTypeCode, action                    em
 =========================  =================================================  ==================
 association_accepted       110114 User Authentication / 110122 Login, E      scp/handlers.py
 association_rejected       same, outcome 4                                    scp/handlers.py
+connection_dropped         110113 Security Alert / 110126 Node Auth., E, 4    scp/gate.py
+tls_handshake_failed       same                                               scp/gate.py
 deidentified               110103 DICOM Instances Accessed, C, lifecycle 7    pipeline/deid.py
 vault_read                 110110 Patient Record, R                           storage/vault.py
 reidentified               110103 DICOM Instances Accessed, U                 pipeline/results.py
@@ -89,6 +91,10 @@ _LOGIN = _code("110122", "Login")
 EVENTS: dict[str, tuple[dict[str, str], str, dict[str, str] | None]] = {
     "association_accepted": (_USER_AUTHENTICATION, "E", _LOGIN),
     "association_rejected": (_USER_AUTHENTICATION, "E", _LOGIN),
+    # Connections closed before associating (rate-limited per source address, with counts)
+    # and failed TLS handshakes: PS3.15 A.5.3.11 Security Alert, Node Authentication.
+    "connection_dropped": (_SECURITY_ALERT, "E", _code("110126", "Node Authentication")),
+    "tls_handshake_failed": (_SECURITY_ALERT, "E", _code("110126", "Node Authentication")),
     "deidentified": (_INSTANCES_ACCESSED, "C", None),
     "vault_read": (_PATIENT_RECORD, "R", None),
     "reidentified": (_INSTANCES_ACCESSED, "U", None),

@@ -12,6 +12,7 @@ Every key is documented, with its default, in ``config/node.example.toml``.
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -113,7 +114,8 @@ class ScpSettings(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     poll_interval_s: float = Field(0.0002, gt=0, le=0.01)
     """How often an association's network thread polls its socket when idle (pynetdicom's
-    DUL loop; its default 0.001 s halves C-STORE throughput, see DESIGN.md)."""
+    DUL loop; its default 0.001 s halves C-STORE throughput, see DESIGN.md), while at
+    most ``fast_poll_max_associations`` associations run."""
     event_reactor: bool = True
     """Serve each decoded C-STORE as soon as it arrives instead of after pynetdicom's fixed
     1 ms reactor sleep (scp/reactor.py; 1.14-1.18x ingest on one association, measured).
@@ -121,6 +123,36 @@ class ScpSettings(_Section):
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On stop, running associations get this long to finish before they are aborted."""
     tls: TlsSettings = TlsSettings()
+    # -- load and hostile connections (DESIGN.md, "Connections before they associate",
+    #    "Several receiving processes", "Polling per load") --
+    processes: int = Field(0, ge=0, le=256)
+    """Receiving processes sharing the listening sockets; 0 = one per CPU core. With 1 the
+    node receives in its own process; with more, the main process runs only the job
+    workers, the completion loop and the API."""
+    preassociation_timeout_s: float = Field(10.0, gt=0)
+    """A connection must complete its A-ASSOCIATE-RQ (and TLS handshake) this soon after
+    TCP accept, or it is dropped; it holds no association slot meanwhile."""
+    max_pending: int = Field(512, ge=1)
+    """Connections not yet associated, at most, per receiving process."""
+    max_pending_per_source: int = Field(32, ge=1)
+    """...and per source IP address (one noisy host cannot lock the others out)."""
+    drop_audit_interval_s: float = Field(60.0, gt=0)
+    """At most one audit line per source address per this interval for connections
+    dropped before associating (every drop is counted in the metrics)."""
+    fast_poll_max_associations: int = Field(1, ge=0)
+    """Poll at poll_interval_s while at most this many associations run (in all
+    processes); above, at pynetdicom's 0.001 s, whose fewer wake-ups win when many
+    associations share the cores."""
+
+    @property
+    def effective_processes(self) -> int:
+        """``processes``, with 0 resolved to the CPU cores this process may use."""
+        if self.processes:
+            return self.processes
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
 
     @field_validator("max_pdu")
     @classmethod
@@ -391,7 +423,11 @@ class DeidSettings(_Section):
     """Wait this long after a study's latest instance before de-identifying it (so a burst
     of C-STOREs is not slowed by de-identification competing for the CPU)..."""
     max_delay_s: float = Field(30.0, ge=0)
-    """...but never let an instance wait longer than this."""
+    """...but never let an instance wait longer than this (each instance's deadline is
+    stored with it and enforced by a sweep)."""
+    sweep_interval_s: float = Field(1.0, gt=0)
+    """How often the sweep looks for instances due for de-identification (settled
+    studies, deadlines within the next interval) and schedules their jobs."""
 
 
 class InferenceSettings(_Section):

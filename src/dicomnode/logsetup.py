@@ -30,7 +30,7 @@ from typing import Any
 
 from dicomnode.errors import NodeError
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "configure_logging", "current_logging"]
 
 _AUDIT_LOGGER = "dicomnode.audit"  # dicomnode.audit.AUDIT_LOGGER; a leaf imports no sibling
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -140,3 +140,16 @@ def configure_logging(level: str, *, json_logs: bool, audit_path: Path | None) -
         audit_log.propagate = False
     else:
         audit_log.propagate = True
+
+
+def current_logging() -> tuple[bool, Path | None] | None:
+    """What :func:`configure_logging` installed in this process, as (json_logs,
+    audit_path), or None when it was not called: a receiving process (scp/pool.py)
+    logs the same way as the process that started it."""
+    ours = [h for h in logging.getLogger().handlers if getattr(h, _OURS, False)]
+    if not ours:
+        return None
+    json_logs = isinstance(ours[0].formatter, JsonFormatter)
+    audit = [h for h in logging.getLogger(_AUDIT_LOGGER).handlers
+             if getattr(h, _OURS, False) and isinstance(h, logging.FileHandler)]
+    return json_logs, (Path(audit[0].baseFilename) if audit else None)

@@ -27,6 +27,7 @@ from prometheus_client import Counter, Histogram
 
 __all__ = [
     "ASSOCIATIONS",
+    "CONNECTIONS_DROPPED",
     "INFERENCE_SECONDS",
     "INSTANCES_RECEIVED",
     "INSTANCES_REJECTED",
@@ -34,6 +35,8 @@ __all__ = [
     "SEND_FAILURES",
     "STAGE_SECONDS",
     "VAULT_READS",
+    "add_counter_values",
+    "counter_values",
     "dimse_status",
 ]
 
@@ -54,6 +57,13 @@ ASSOCIATIONS = Counter(
     "dicomnode_associations",
     "Associations requested of the storage SCP, by outcome (accepted, rejected, aborted).",
     ["event"],
+)
+CONNECTIONS_DROPPED = Counter(
+    "dicomnode_connections_dropped",
+    "TCP connections to the storage SCP closed before they associated, by reason (closed, "
+    "incomplete, timeout, tls_handshake, not_dicom, unexpected_pdu, source_limit, "
+    "pending_limit); see scp/gate.py.",
+    ["reason"],
 )
 STAGE_SECONDS = Histogram(
     "dicomnode_stage_seconds",
@@ -91,3 +101,32 @@ VAULT_READS = Counter(
 def dimse_status(status: int) -> str:
     """A DIMSE status as the ``status`` label value: ``0xA700``."""
     return f"0x{status:04X}"
+
+
+# Counters incremented in receiving processes (scp/pool.py): each process sends its
+# values to the main process, which adds the differences to its own, so /metrics is
+# the node's whichever process received.
+_RELAYED = (INSTANCES_RECEIVED, INSTANCES_REJECTED, ASSOCIATIONS, CONNECTIONS_DROPPED)
+_BY_NAME = {m.name: c for c in _RELAYED for m in c.collect()}
+
+CounterValues = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def counter_values() -> CounterValues:
+    """This process's values of the relayed counters, by (name, labels)."""
+    out: CounterValues = {}
+    for counter in _RELAYED:
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out[(metric.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def add_counter_values(values: CounterValues) -> None:
+    """Add ``values`` (differences from :func:`counter_values` of another process)."""
+    for (name, labels), value in values.items():
+        counter = _BY_NAME.get(name)
+        if counter is None or value <= 0:
+            continue
+        (counter.labels(**dict(labels)) if labels else counter).inc(value)

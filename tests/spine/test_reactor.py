@@ -34,7 +34,8 @@ def test_acceptor_loop_stores_releases_aborts_and_times_out(tmp_path: Path,
     settings = load_settings(None, {
         "data_dir": tmp_path / "data",
         "scp": {"host": "127.0.0.1", "port": port, "accept_any_ae": True,
-                "event_reactor": event_reactor, "network_timeout_s": 1.0},
+                "event_reactor": event_reactor, "network_timeout_s": 1.0,
+                "processes": 1},  # in this process: the test looks at its associations
         "inference": {"demo_model": False},
     })
     study = make_ct_study(n_slices=12, rows=64, columns=64, seed=7)

@@ -1,15 +1,24 @@
-"""De-identification tasks.
+"""De-identification tasks and the sweep that schedules them.
 
-The C-STORE handler only stores, and enqueues (in its own transaction) a
-``deidentify_study`` job for the study at most once per second. That job waits
-while the study is still arriving (``deid.settle_s``), so de-identification does not
-compete with a burst of C-STOREs for the same CPU and GIL, but never longer than
-``deid.max_delay_s`` for any instance; then it de-identifies each pending instance.
-``deidentify_instance`` turns the identified spool file into
-its de-identified copy under ``archive/`` (or ``quarantine/``), writes the UID map
-and the study identity to the encrypted vault in the same transaction as the
-index update, and deletes the spool file (unless ``deid.spool_retention_s`` keeps
-it for a while). After that, nothing outside the vault identifies the patient.
+The C-STORE handler only stores; every stored instance carries its de-identification
+deadline (``instance.deid_due_at`` = receipt + ``deid.max_delay_s``). The sweep
+(:func:`sweep_deid`, every ``deid.sweep_interval_s`` in the completion loop) schedules a
+``deidentify_study`` job for each study with identified instances at the earlier of
+
+- the study having paused for ``deid.settle_s`` (so de-identification does not compete
+  with a burst of C-STOREs for the same CPU and GIL), and
+- its earliest instance deadline,
+
+as soon as that moment falls within the next sweep interval, with the job delayed to
+that moment. Nothing depends on which second an instance arrived in: however a burst
+ends, every instance is de-identified by its deadline (plus the queue's pick-up time),
+also with a quiet period far longer than ``max_delay_s``, and also after a restart.
+
+``deidentify_instance`` turns the identified spool file into its de-identified copy
+under ``archive/`` (or ``quarantine/``), writes the UID map and the study identity to
+the encrypted vault in the same transaction as the index update, and deletes the spool
+file (unless ``deid.spool_retention_s`` keeps it for a while). After that, nothing
+outside the vault identifies the patient.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from dicomnode.errors import DeidentificationError, StorageError
 if TYPE_CHECKING:
     from dicomnode.pipeline.tasks import TaskContext
 
-__all__ = ["deidentify_instance", "deidentify_pending", "deidentify_study"]
+__all__ = ["deidentify_instance", "deidentify_pending", "deidentify_study", "sweep_deid"]
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +137,8 @@ def deidentify_pending(ctx: TaskContext, study_id: int, version: int) -> None:
 def deidentify_study(ctx: TaskContext, study_id: int) -> int:
     """De-identify the study's received instances once it has paused; return how many.
 
-    While the study received an instance within ``deid.settle_s`` and its oldest
-    pending instance is younger than ``deid.max_delay_s``, do nothing: a later job
-    (one is enqueued per second of arrivals) or the completion hook will.
+    While the study received an instance within ``deid.settle_s`` and no pending
+    instance has reached its deadline, do nothing: the sweep schedules another job.
     """
     study = ctx.index.study(study_id)
     if study is None:
@@ -138,17 +146,47 @@ def deidentify_study(ctx: TaskContext, study_id: int) -> int:
     pending = ctx.index.instances_in_state("received", study_id)
     if not pending:
         return 0
-    d = ctx.settings.deid
     now = time.time()
-    oldest = ctx.index.instance(pending[0])
-    if (
-        now - study.last_received_at < d.settle_s
-        and oldest is not None
-        and now - oldest.received_at < d.max_delay_s
+    if now - study.last_received_at < ctx.settings.deid.settle_s and not _deadline_reached(
+        ctx, study_id, now
     ):
         return 0
     _audit_study(ctx, study_id, [deidentify_instance(ctx, i) for i in pending])
     return len(pending)
+
+
+def _deadline_reached(ctx: TaskContext, study_id: int, now: float) -> bool:
+    due = ctx.index.deid_deadline(study_id)
+    return due is not None and due <= now + _EARLY_S
+
+
+_EARLY_S = 0.005
+"""A job scheduled for a deadline may start this much before it (clock granularity)."""
+
+
+def sweep_deid(ctx: TaskContext, now: float | None = None) -> int:
+    """Schedule de-identification for studies due within the next sweep interval.
+
+    A study is due at the earlier of its last arrival + ``deid.settle_s`` and its
+    earliest instance deadline. Its job is delayed to that moment and keyed by it, so
+    a sweep that runs again before the job does adds nothing. Returns how many jobs
+    were scheduled.
+    """
+    d = ctx.settings.deid
+    now = time.time() if now is None else now
+    n = 0
+    for study_id, deadline, last_received in ctx.index.pending_deid():
+        due = min(deadline, last_received + d.settle_s)
+        if due > now + d.sweep_interval_s:
+            continue
+        job = ctx.queue.enqueue(
+            "deidentify_study",
+            {"study_id": study_id},
+            dedup_key=f"deid:{study_id}:{int(due * 1000)}",
+            delay_s=max(0.0, due - now),
+        )
+        n += job is not None
+    return n
 
 
 def _audit_study(ctx: TaskContext, study_id: int, states: list[str]) -> None:

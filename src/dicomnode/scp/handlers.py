@@ -19,8 +19,9 @@ Status  Meaning
 ======  ==============================================================================
 
 C-ECHO always answers 0x0000. Association-level refusals (unknown calling AE,
-called AE not ours, too many associations) happen before these handlers, in
-pynetdicom's ACSE, as A-ASSOCIATE-RJ.
+called AE not ours, too many associations) happen before these handlers, as
+A-ASSOCIATE-RJ: in ``StorageServer.admit`` (recorded by :func:`record_rejection`) and
+again in pynetdicom's ACSE.
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ from pynetdicom import evt
 from dicomnode import metrics
 from dicomnode.audit import audit
 from dicomnode.errors import DatasetError, StorageError
+from dicomnode.scp.gate import AssociationRequest, Rejection
 from dicomnode.scp.ingest import Ingestor
 
-__all__ = ["handle_assoc_event", "handle_echo", "handle_event_report", "handle_store"]
+__all__ = [
+    "handle_assoc_event",
+    "handle_echo",
+    "handle_event_report",
+    "handle_store",
+    "record_rejection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +143,26 @@ def handle_assoc_event(event: evt.Event) -> None:
             outcome_description=None if name == "accepted" else "A-ASSOCIATE-RJ sent",
             called_ae=assoc.acceptor.ae_title,
         )
+
+
+def record_rejection(request: AssociationRequest, rejection: Rejection, our_ae: str) -> None:
+    """Log, count and audit an A-ASSOCIATE-RJ sent by the admission check, as
+    :func:`handle_assoc_event` does for pynetdicom's."""
+    log.info(
+        "association rejected: %s from %s:%s (called %s): %s",
+        request.calling_ae,
+        request.address,
+        request.port,
+        request.called_ae,
+        rejection.why,
+    )
+    metrics.ASSOCIATIONS.labels("rejected").inc()
+    audit(
+        "association_rejected",
+        user=request.calling_ae,
+        ae_title=request.calling_ae,
+        address=request.address,
+        outcome=4,
+        outcome_description=f"A-ASSOCIATE-RJ sent: {rejection.why}",
+        called_ae=our_ae,
+    )

@@ -134,18 +134,34 @@ _SQL_NEW_SERIES = text(
 )
 _SQL_NEW_INSTANCE = text(
     "INSERT INTO instance (series_id, study_id, sop_key, sop_class_uid, transfer_syntax_uid,"
-    " path, spool_path, size, dataset_offset, received_at, study_version, calling_ae, state)"
+    " path, spool_path, size, dataset_offset, received_at, study_version, calling_ae, state,"
+    " deid_due_at)"
     " VALUES (:series_id, :study_id, :sop_key, :sop_class_uid, :transfer_syntax_uid,"
     " :path, :path, :size, :dataset_offset, :received_at, :study_version, :calling_ae,"
-    " 'received') ON CONFLICT (sop_key) DO NOTHING RETURNING id"
+    " 'received', :deid_due_at) ON CONFLICT (sop_key) DO NOTHING RETURNING id"
 )
 _SQL_REPLACE_INSTANCE = text(
     "UPDATE instance SET series_id = :series_id, study_id = :study_id,"
     " sop_class_uid = :sop_class_uid, transfer_syntax_uid = :transfer_syntax_uid,"
     " path = :path, spool_path = :path, size = :size, dataset_offset = :dataset_offset,"
     " received_at = :received_at, study_version = :study_version, calling_ae = :calling_ae,"
-    " state = 'received', received_digest = NULL, deidentified_at = NULL, error = NULL"
+    " state = 'received', received_digest = NULL, deidentified_at = NULL, error = NULL,"
+    " deid_due_at = :deid_due_at"
     " WHERE sop_key = :sop_key RETURNING id"
+)
+
+
+# The condition repeats the partial index's (state = 'received') so that both SQLite and
+# PostgreSQL use it; deid_due_at is NULL only for rows older than migration 0004.
+_SQL_PENDING_DEID = text(
+    "SELECT i.study_id, MIN(COALESCE(i.deid_due_at, i.received_at)), s.last_received_at"
+    " FROM instance i JOIN study s ON s.id = i.study_id"
+    " WHERE i.state = 'received' GROUP BY i.study_id, s.last_received_at"
+)
+
+_SQL_STUDY_DEID_DEADLINE = text(
+    "SELECT MIN(COALESCE(deid_due_at, received_at)) FROM instance"
+    " WHERE state = 'received' AND study_id = :study_id"
 )
 
 
@@ -183,9 +199,13 @@ class StudyIndex:
         max_wait_s: float,
         is_same: Callable[[StoredInstance], bool] | None = None,
         on_recorded: Callable[[Connection, RecordOutcome], None] | None = None,
+        deid_delay_s: float = 0.0,
         now: float | None = None,
     ) -> RecordOutcome:
         """Index a durably stored instance and push its study's completion out.
+
+        The instance must be de-identified within ``deid_delay_s``: its deadline is
+        stored with it (``deid_due_at``) for the de-identification sweep.
 
         One short transaction of four statements on the usual path (look the
         instance up, update or create the study, create the series once, insert
@@ -203,7 +223,8 @@ class StudyIndex:
         for attempt in (1, 2):
             try:
                 with self.engine.begin() as c:
-                    out = self._record(c, rec, now, quiet_period_s, max_wait_s, is_same)
+                    out = self._record(c, rec, now, quiet_period_s, max_wait_s, is_same,
+                                       deid_delay_s)
                     if out is not None:
                         if on_recorded is not None and not out.duplicate:
                             on_recorded(c, out)
@@ -226,6 +247,7 @@ class StudyIndex:
         quiet: float,
         max_wait: float,
         is_same: Callable[[StoredInstance], bool] | None,
+        deid_delay: float,
     ) -> RecordOutcome | None:
         # Prepared text statements (same SQL on SQLite and PostgreSQL): building Core
         # constructs per call cost ~0.7 ms per instance, 15x the SQL itself.
@@ -295,6 +317,7 @@ class StudyIndex:
             "received_at": now,
             "study_version": version,
             "calling_ae": rec.calling_ae,
+            "deid_due_at": now + deid_delay,
         }
         replaced: tuple[str, ...] = ()
         if existing is None:
@@ -508,6 +531,21 @@ class StudyIndex:
                 .values(patient_key=patient_key)
             )
         return True
+
+    def pending_deid(self) -> list[tuple[int, float, float]]:
+        """(study id, earliest de-identification deadline, study's last arrival) of every
+        study with instances still identified (state received)."""
+        with self._read.connect() as c:
+            return [
+                (int(r[0]), float(r[1]), float(r[2]))
+                for r in c.execute(_SQL_PENDING_DEID).all()
+            ]
+
+    def deid_deadline(self, study_id: int) -> float | None:
+        """The earliest de-identification deadline of the study's identified instances."""
+        with self._read.connect() as c:
+            due = c.execute(_SQL_STUDY_DEID_DEADLINE, {"study_id": study_id}).scalar()
+        return None if due is None else float(due)
 
     def expired_spool_files(
         self, older_than: float, failed_older_than: float | None = None

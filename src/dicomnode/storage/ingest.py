@@ -64,6 +64,9 @@ class Ingestor:
         Quiet period (s) for a calling AE title.
     max_wait_s
         Force-complete deadline after the first instance of a study version.
+    deid_delay_s
+        Each instance must be de-identified within this long of its receipt
+        (``deid.max_delay_s``); the deadline is stored with it.
     on_recorded
         Called inside the index transaction of every new or replaced instance (the app
         enqueues its de-identification job there, so the two commit together).
@@ -77,9 +80,11 @@ class Ingestor:
         *,
         quiet_period_for: Callable[[str | None], float],
         max_wait_s: float,
+        deid_delay_s: float = 0.0,
         on_recorded: Callable[[Connection, RecordOutcome], None] | None = None,
     ) -> None:
         self.on_recorded = on_recorded
+        self.deid_delay_s = deid_delay_s
         self.files = files
         self.index = index
         self.pseudonymizer = pseudonymizer
@@ -156,6 +161,7 @@ class Ingestor:
                 max_wait_s=self.max_wait_s,
                 is_same=same_bytes,
                 on_recorded=self.on_recorded,
+                deid_delay_s=self.deid_delay_s,
             )
         except StorageError:
             self.files.delete(relpath)
@@ -219,6 +225,7 @@ class Ingestor:
             max_wait_s=self.max_wait_s,
             is_same=lambda stored: True,
             on_recorded=self.on_recorded,
+            deid_delay_s=self.deid_delay_s,
         )
         if outcome.duplicate:
             self.files.delete(relpath)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -190,8 +191,22 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="received")
     """received | deidentified | quarantined | failed"""
+    deid_due_at: Mapped[float | None] = mapped_column(Float)
+    """When this instance must be de-identified at the latest (received_at +
+    deid.max_delay_s, fixed at receipt); the de-identification sweep enforces it."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+    # The sweep reads the instances still identified, by deadline: a partial index
+    # keeps that read small however many instances the node holds.
+    __table_args__ = (
+        Index(
+            "ix_instance_deid_due",
+            "deid_due_at",
+            sqlite_where=text("state = 'received'"),
+            postgresql_where=text("state = 'received'"),
+        ),
+    )
 
 
 class VaultUID(Base):
