@@ -271,7 +271,10 @@ class NodeRegistryOps:
         if active is None:
             return None
         return _torch_side().ActiveModel(
-            active.version, self.ctx.models.get(active.path).predict_mask
+            # in this process, as the candidate is: the serving sessions may be an
+            # isolated child that runs packages by infer_volume only
+            active.version,
+            OnnxModel.load(active.path, self.ctx.models.options).predict_mask,
         )
 
     def predictor(self, package_dir: Path) -> Any:
