@@ -32,8 +32,9 @@ from dicomnode.dicom.deid import (
 )
 from dicomnode.dicom.pseudonym import Pseudonymizer
 from dicomnode.errors import ConfigError, NodeError, StorageError
-from dicomnode.inference import ModelSessions, RuntimeOptions, demo_model_path
+from dicomnode.inference import ModelSessions, RuntimeOptions
 from dicomnode.inference.golden import golden_validator
+from dicomnode.inference.package import demo_model_paths
 from dicomnode.inference.worker import IsolatedSessions
 from dicomnode.jobs.base import JobQueue, RetryPolicy, TaskRegistry
 from dicomnode.jobs.local import LocalQueue
@@ -337,12 +338,16 @@ def start_scheduler(node: Node) -> Any:
 
 
 def ensure_demo_model(registry: ModelRegistry) -> None:
-    """Register and activate the bundled demo model when the registry is empty."""
-    if registry.list():
-        return
-    demo = registry.add(demo_model_path(), created_by="dicomnode (bundled demo)")
-    registry.activate(demo.name, demo.version, reason="bundled demo model, first start")
-    log.info("registered the bundled demo model %s %s", demo.name, demo.version)
+    """Register and activate each bundled demo model the registry has never had (a fresh
+    install gets them all; an upgrade gets a demo added since; a demo the operator
+    retired stays retired)."""
+    for path in demo_model_paths():
+        name = path.name
+        if registry.list(name):
+            continue
+        demo = registry.add(path, created_by="dicomnode (bundled demo)")
+        registry.activate(demo.name, demo.version, reason="bundled demo model, first start")
+        log.info("registered the bundled demo model %s %s", demo.name, demo.version)
 
 
 def deid_options(d: DeidSettings) -> DeidOptions:

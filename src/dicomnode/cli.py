@@ -720,8 +720,28 @@ def demo_study(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", file_okay=False)],
     seed: Annotated[int, typer.Option(help="Random seed (another seed, other lesions).")] = 7,
     slices: Annotated[int, typer.Option(help="Number of slices.")] = 32,
+    kind: Annotated[str, typer.Option(
+        help="ct: a CT study with lesions; radiograph: a PA chest radiograph (DX), with a "
+             "nodule unless --no-nodule.")] = "ct",
+    nodule: Annotated[bool, typer.Option(help="radiograph: plant a nodule.")] = True,
+    monochrome1: Annotated[bool, typer.Option(
+        help="radiograph: store it MONOCHROME1 (white is low).")] = False,
 ) -> None:
-    """Write a phantom CT study with known lesions, to send with storescu."""
+    """Write a phantom study (CT with known lesions, or a chest radiograph) to send with
+    storescu."""
+    if kind == "radiograph":
+        from dicomnode.dicom.radiograph import make_chest_radiograph
+
+        ph = make_chest_radiograph(
+            seed=seed, nodule=nodule, patient_id=f"DEMO-CXR-{seed:04d}",
+            photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2")
+        out.mkdir(parents=True, exist_ok=True)
+        ph.dataset.save_as(out / "dx0000.dcm", enforce_file_format=True)
+        typer.echo(f"1 DX chest radiograph ({'with' if nodule else 'without'} a nodule) "
+                   f"in {out}")
+        return
+    if kind != "ct":
+        raise _fail(f"--kind must be ct or radiograph, got {kind!r}", 2)
     from dicomnode.dicom.phantom import make_ct_study
 
     study = make_ct_study(

@@ -211,8 +211,8 @@ class HttpCredentials(_Section):
         return value
 
 
-ResultKind = Literal["SEG", "SR", "notification"]
-_IMAGE_KINDS: tuple[ResultKind, ...] = ("SEG", "SR")
+ResultKind = Literal["SEG", "SR", "PM", "KEY", "notification"]
+_IMAGE_KINDS: tuple[ResultKind, ...] = ("SEG", "SR", "PM", "KEY")
 
 
 class PriorityRule(_Section):
@@ -247,8 +247,9 @@ class PeerSettings(_Section):
     ca_file: Path | None = None
     """dicomweb: CA bundle to verify the server with; None = the system's."""
     kinds: list[ResultKind] | None = None
-    """Result kinds this destination gets; None = ["SEG", "SR"] (dimse, dicomweb) or
-    ["notification"] (hl7)."""
+    """Result kinds this destination gets; None = every object kind a model produces,
+    ["SEG", "SR", "PM", "KEY"] (dimse, dicomweb: PM is the Parametric Map of an
+    explanation, KEY its rendered key image), or ["notification"] (hl7)."""
     allow_store: bool = True
     """May send us objects (is on the calling-AE allow-list, and its ``stow_credentials``
     are accepted by STOW-RS)."""
@@ -487,6 +488,12 @@ class RoutingRule(_Section):
     presentation_intent: str | None = None
     """Regular expression Presentation Intent Type (0008,0068) must match, e.g.
     "FOR PRESENTATION" (2D images)."""
+    images: Literal["one", "every"] | None = None
+    """Run on single 2D images (an image model: radiograph classifiers) rather than a
+    series' volume: "one" picks one matching image per study (lowest Series Number,
+    then Instance Number), "every" every matching image. The image filters above are
+    then checked per image; ``plane``, ``min_slices`` and ``max_slice_spacing_mm`` do not
+    apply."""
     destinations: list[str] | None = None
     """Where this rule's results go (peer names or "caller"); None: results.destinations."""
 
@@ -513,7 +520,10 @@ class RoutingSettings(_Section):
     """Routing rules, tried in order; every matching rule's models run."""
 
     rules: list[RoutingRule] = [
-        RoutingRule(name="demo-ct-lesions", models=["demo-lesion"], modality="CT", min_slices=8)
+        RoutingRule(name="demo-ct-lesions", models=["demo-lesion"], modality="CT", min_slices=8),
+        RoutingRule(name="demo-chest-radiograph", models=["demo-cxr-nodule"], modality="DX",
+                    images="one", view_position="^(PA|AP)$",
+                    presentation_intent="FOR PRESENTATION"),
     ]
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.api.schemas import (
     CheckOut,
+    ClassificationOut,
     DriftPoint,
     FindingOut,
     JobList,
@@ -249,6 +250,20 @@ def _finding(f: dict[str, Any]) -> FindingOut | None:
         return None  # a result written by another version of the node: shown without it
 
 
+def _classification(f: dict[str, Any]) -> ClassificationOut | None:
+    if f.get("kind") != "classification":
+        return None
+    try:
+        return ClassificationOut(
+            image=int(f["image"]), sop_key=str(f["sop_instance_uid"]), label=int(f["label"]),
+            label_name=str(f["label_name"]), probability=float(f["probability"]),
+            threshold=float(f["threshold"]), present=bool(f["present"]),
+            explained=bool((f.get("explanation") or {}).get("map")),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def result_out(r: InferenceResult) -> ResultOut:
     providers = (r.timings or {}).get("providers") or []
     return ResultOut(
@@ -256,6 +271,8 @@ def result_out(r: InferenceResult) -> ResultOut:
         model_version=r.model_version, series_key=r.series_key,
         status=r.status,  # type: ignore[arg-type]
         findings=[f for f in (_finding(x) for x in (r.findings or [])) if f is not None],
+        classifications=[c for c in (_classification(x) for x in (r.findings or []))
+                         if c is not None],
         timings=_num_timings(r.timings), providers=[str(p) for p in providers],
         error=r.error, created_at=r.created_at,
     )

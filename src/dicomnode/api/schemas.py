@@ -105,6 +105,19 @@ class FindingOut(_Out):
     mean_value: float | None = None
 
 
+class ClassificationOut(_Out):
+    """One label of an image classifier on one image."""
+
+    image: int = Field(description="Index of the classified image in the result")
+    sop_key: str = Field(description="Pseudonymous SOP Instance UID of the image")
+    label: int
+    label_name: str
+    probability: float
+    threshold: float
+    present: bool
+    explained: bool = Field(description="An explanation map was made (a positive label)")
+
+
 class ResultOut(_Out):
     id: int
     study_version: int
@@ -113,6 +126,7 @@ class ResultOut(_Out):
     series_key: str = Field(description="Pseudonymous Series Instance UID")
     status: Literal["done", "failed"]
     findings: list[FindingOut]
+    classifications: list[ClassificationOut] = []
     timings: dict[str, float]
     providers: list[str]
     error: str | None

@@ -22,7 +22,7 @@ from dicomnode.api.services import ApiServices
 from dicomnode.modelpkg.format1 import read_model_package
 from dicomnode.storage.models import InferenceResult
 
-__all__ = ["Plane", "render_plane", "render_result", "render_slice"]
+__all__ = ["Plane", "render_explanation", "render_plane", "render_result", "render_slice"]
 
 Plane = Literal["axial", "coronal", "sagittal"]
 _DEFAULT_COLOUR = (255, 64, 64)
@@ -246,3 +246,40 @@ def _render_multi_frame(svc: ApiServices, result: InferenceResult, mask: np.ndar
         "sagittal": render_slice(slices[:, :, j][::-1], mask[:, :, j][::-1], aspect=1.0,
                                  colours=colours, window=window),
     }
+
+
+def render_explanation(svc: ApiServices, result: InferenceResult, image: int, label: int,
+                       size: int = 384) -> bytes:
+    """A PNG of classified image ``image`` of an image-model result with the explanation
+    map of ``label`` over it (as the KEY object renders it): the de-identified image,
+    never the spool.
+
+    Raises
+    ------
+    LookupError
+        No such map, or the image is not held de-identified.
+    """
+    from dicomnode.dicom.explain import render_overlay
+    from dicomnode.dicom.image import load_image
+
+    if result.status != "done" or not result.mask_path:
+        raise LookupError(f"result {result.id} has no maps")
+    maps, keys = svc.results.load_maps(result)
+    name = f"{image}:{label}"
+    if name not in maps or not 0 <= image < len(keys):
+        raise LookupError(f"result {result.id} has no map for image {image}, label {label}")
+    paths = {i.sop_key: i.path for i in svc.index.instances(result.study_id)
+             if i.state == "deidentified"}
+    if keys[image] not in paths:
+        raise LookupError(f"image {image} of result {result.id} is not held de-identified")
+    with open(svc.files.path(paths[keys[image]]), "rb") as f:
+        ds = dcmread(f)
+    display = load_image(ds, invert_monochrome1=True, voi="window").array
+    out = Image.fromarray(render_overlay(display, maps[name]), "RGB")
+    h, w = display.shape
+    scale = size / max(h, w)
+    out = out.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                     Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()

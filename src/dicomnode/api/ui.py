@@ -23,7 +23,7 @@ from dicomnode import __version__
 from dicomnode.api import actions, charts, queries
 from dicomnode.api.auth import Authenticator, Principal, User, current_user
 from dicomnode.api.services import ApiServices
-from dicomnode.api.thumbnails import render_result
+from dicomnode.api.thumbnails import render_explanation, render_result
 from dicomnode.errors import NodeError
 
 __all__ = ["ThumbnailCache", "templates", "ui_router"]
@@ -171,6 +171,21 @@ def ui_router(auth: Authenticator) -> APIRouter:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
             cache.put(key, planes)
         png = planes[plane]
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    @router.get("/studies/{study_id}/results/{result_id}/explain/{image}/{label}.png",
+                response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def explanation(request: Request, study_id: int, result_id: int, image: int,
+                    label: int) -> Response:
+        svc = svc_of(request)
+        result = svc.results.get(result_id)
+        if result is None or result.study_id != study_id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result for this study")
+        try:
+            png = render_explanation(svc, result, image, label)
+        except (LookupError, NodeError) as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=300"})
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicomnode.config import RoutingRule
+from dicomnode.dicom.frames import safe_int
 from dicomnode.dicom.image import image_attributes
 from dicomnode.dicom.volume import SeriesSummary, select_series, summarize_series
 from dicomnode.errors import InferenceError
@@ -24,6 +25,9 @@ class Route:
     model: str
     series_key: str
     reason: str
+    images: tuple[str, ...] = ()
+    """Image routes (``RoutingRule.images``): the chosen images' SOP Instance UIDs, in
+    order; ``series_key`` is the first one's series. Empty for a volume route."""
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,53 @@ class RoutingDecision:
     def as_dict(self) -> dict[str, object]:
         return {
             "applicable": self.applicable,
-            "routes": [r.__dict__ for r in self.routes],
+            "routes": [{k: list(v) if isinstance(v, tuple) else v
+                        for k, v in r.__dict__.items()} for r in self.routes],
             "skipped": [{"rule": n, "reason": why} for n, why in self.skipped],
         }
 
 
 def _matches(pattern: str | None, value: object) -> bool:
     return pattern is None or re.search(pattern, str(value or ""), re.IGNORECASE) is not None
+
+
+def _pick_images(
+    series: Mapping[str, Sequence[Dataset]],
+    summaries: Mapping[str, SeriesSummary],
+    rule: RoutingRule,
+) -> list[tuple[str, str]]:
+    """(series key, SOP Instance UID) of the images an image rule runs on, in order."""
+    found: list[tuple[tuple[int, int, str], str, str]] = []
+    for key, dss in series.items():
+        s = summaries[key]
+        if rule.modality is not None and s.modality != rule.modality:
+            continue
+        if not _matches(rule.body_part, s.body_part):
+            continue
+        if not _matches(rule.series_description, s.series_description):
+            continue
+        for ds in dss:
+            if rule.sop_class_uid is not None and str(ds.get("SOPClassUID", "")) != \
+                    rule.sop_class_uid:
+                continue
+            if safe_int(ds.get("NumberOfFrames"), 1) not in (None, 1):
+                continue
+            attrs = image_attributes(ds)
+            if not (
+                _matches(rule.view_position, attrs["view_position"])
+                and _matches(rule.image_laterality, attrs["image_laterality"])
+                and _matches(rule.presentation_intent, attrs["presentation_intent"])
+            ):
+                continue
+            uid = str(ds.get("SOPInstanceUID", "") or "")
+            if not uid:
+                continue
+            order = (s.series_number if s.series_number is not None else 2**31,
+                     safe_int(ds.get("InstanceNumber"), 2**31) or 0, uid)
+            found.append((order, key, uid))
+    found.sort()
+    picked = [(key, uid) for _, key, uid in found]
+    return picked[:1] if rule.images == "one" else picked
 
 
 def route_study(
@@ -86,6 +130,19 @@ def route_study(
     for rule in rules:
         if rule.calling_ae is not None and rule.calling_ae != calling_ae:
             skipped.append((rule.name, f"calling AE is not {rule.calling_ae}"))
+            continue
+        if rule.images is not None:
+            picked = _pick_images(series, summaries, rule)
+            if not picked:
+                skipped.append((rule.name, "no single-frame image with the required modality, "
+                                           "body part, SOP class or image attributes"))
+                continue
+            why = f"{len(picked)} image(s), {rule.images}"
+            for model in rule.models:
+                if model not in chosen_models:
+                    chosen_models.add(model)
+                    routes.append(Route(rule.name, model, picked[0][0], why,
+                                        tuple(uid for _, uid in picked)))
             continue
         candidates = []
         keys = []

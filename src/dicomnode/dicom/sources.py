@@ -36,7 +36,12 @@ from pydicom.valuerep import format_number_as_ds, validate_value
 from dicomnode.dicom.findings import derived_uid
 from dicomnode.dicom.frames import Frame
 
-__all__ = ["TYPE2_SOURCE_KEYWORDS", "sanitized_sources", "surrogate_frame_of_reference"]
+__all__ = [
+    "TYPE2_SOURCE_KEYWORDS",
+    "sanitized_header",
+    "sanitized_sources",
+    "surrogate_frame_of_reference",
+]
 
 TYPE2_SOURCE_KEYWORDS = (
     "PatientName",
@@ -206,4 +211,22 @@ def sanitized_sources(
             ds.ImageOrientationPatient = [_ds(v) for v in first.orientation]
             ds.PixelSpacing = [_ds(v) for v in first.pixel_spacing]
         out.append(ds)
+    return out
+
+
+def sanitized_header(ds: Dataset) -> Dataset:
+    """A header copy of one image (no Pixel Data) repaired as :func:`sanitized_sources`
+    repairs a volume's, minus the geometry: character set, invalid copied values, Type 2
+    attributes present. For results about single 2D images."""
+    out = Dataset()
+    for elem in ds:
+        if elem.tag.group != 0x7FE0:
+            out.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    _fix_character_set(out)
+    _drop_invalid_values(out)
+    for keyword in TYPE2_SOURCE_KEYWORDS:
+        if keyword not in out:
+            setattr(out, keyword, "")
     return out

@@ -205,6 +205,71 @@ class ImageModel:
         return ImageOutput(by_label, positive, prep.image.sop_instance_uid,
                            {"prepare": t1 - t0, "run": t2 - t1, "total": t2 - t0})
 
+    def explain(self, ds: Dataset, label: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The package's explanation of ``label`` on ``ds`` (``[explain]``): occlusion
+        sensitivity (:meth:`saliency`) or the graph's own map output (:meth:`output_map`).
+
+        Raises
+        ------
+        ModelError
+            The package has no ``[explain]``, or ONNX Runtime failed.
+        InferenceError
+            As :meth:`classify`.
+        """
+        ex = self.package.explain
+        if ex is None:
+            raise ModelError(f"{self.package.name}: the package has no [explain]")
+        if ex.method == "output":
+            return self.output_map(ds, label)
+        return self.saliency(ds, label, patch_fraction=ex.patch_fraction, budget_s=ex.budget_s)
+
+    def output_map(self, ds: Dataset, label: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The map the graph itself provides for ``label`` (output ``[explain] output``,
+        (N, labels, H, W) on the network grid, members averaged), brought back onto the
+        image's pixel grid as :meth:`saliency` does."""
+        pkg = self.package
+        ex = pkg.explain
+        if ex is None or ex.output is None:
+            raise ModelError(f"{pkg.name}: the package names no map output")
+        numbers = [lb.number for lb in pkg.outputs.labels]
+        if label not in numbers:
+            raise ValueError(f"label {label} is not one of the package's {numbers}")
+        k = numbers.index(label)
+        with self.lock:
+            t0 = time.perf_counter()
+            prep = self.prepare(ds)
+            x = np.zeros((pkg.inference.batch, *prep.tensor.shape), np.float32)
+            x[0] = prep.tensor
+            total = None
+            for session in self.sessions:
+                try:
+                    (m,) = session.run([ex.output], {pkg.input.name: x})
+                except Exception as exc:  # onnxruntime's exceptions have no common base
+                    raise ModelError(f"{pkg.name} {pkg.version}: onnxruntime failed: "
+                                     f"{type(exc).__name__}") from exc
+                m = np.asarray(m, np.float32)
+                if m.ndim != 4 or m.shape[1] != len(numbers):
+                    raise ModelError(f"{pkg.name}: output {ex.output} has shape {m.shape}, "
+                                     f"expected (N, {len(numbers)}, H, W)")
+                total = m[0, k] if total is None else total + m[0, k]
+            assert total is not None
+            grid = total / np.float32(len(self.sessions))
+            seconds = time.perf_counter() - t0
+        out = self._back(grid, prep)
+        return out, {"passes": 1, "seconds": round(seconds, 3)}
+
+    @staticmethod
+    def _back(grid: np.ndarray, prep: PreparedImage) -> np.ndarray:
+        """A network-grid map onto the original image's pixels (zero outside the crop)."""
+        h, w = grid.shape
+        rows, cols = prep.image.shape[:2]
+        crop = prep.crop
+        ch, cw = crop[0].stop - crop[0].start, crop[1].stop - crop[1].start
+        back = ndimage.zoom(grid, (ch / h, cw / w), order=1, mode="nearest", grid_mode=True)
+        out = np.zeros((rows, cols), np.float32)
+        out[crop] = back[:ch, :cw]
+        return out
+
     def saliency(self, ds: Dataset, label: int, *, patch_fraction: float = 0.125,
                  budget_s: float = 10.0) -> tuple[np.ndarray, dict[str, Any]]:
         """Occlusion sensitivity of ``label`` on ``ds`` (see the module docstring).
@@ -240,6 +305,7 @@ class ImageModel:
                 if n * max(t_one, 1e-4) <= budget_s or stride >= p:
                     break
                 stride = min(p, stride * 2)
+            # hidden = the image's mean, Zeiler & Fergus's grey square (arXiv:1311.2901)
             fill = np.float32(prep.tensor.mean())
             starts_y = sorted({min(y, h - p) for y in range(0, h, stride)})
             starts_x = sorted({min(x, w - p) for x in range(0, w, stride)})
@@ -258,12 +324,7 @@ class ImageModel:
                     count[y:y + p, x:x + p] += 1
             grid = (drop / np.maximum(count, 1)).astype(np.float32)
             seconds = time.perf_counter() - t0
-        rows, cols = prep.image.shape[:2]
-        crop = prep.crop
-        ch, cw = crop[0].stop - crop[0].start, crop[1].stop - crop[1].start
-        back = ndimage.zoom(grid, (ch / h, cw / w), order=1, mode="nearest", grid_mode=True)
-        out = np.zeros((rows, cols), np.float32)
-        out[crop] = back[:ch, :cw]
+        out = self._back(grid, prep)
         info = {"patch": p, "stride": stride, "passes": len(windows) + 1,
                 "seconds": round(seconds, 3), "forward_s": round(t_one, 4),
                 "probability": float(base)}

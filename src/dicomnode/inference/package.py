@@ -22,6 +22,7 @@ from dicomnode.modelpkg.format1 import (
 )
 
 __all__ = [
+    "DEMO_CXR_MODEL",
     "DEMO_MODEL",
     "Code",
     "InputContract",
@@ -30,11 +31,15 @@ __all__ = [
     "Normalization",
     "OutputContract",
     "demo_model_path",
+    "demo_model_paths",
     "load_model_package",
     "read_model_package",
 ]
 
 DEMO_MODEL = "demo-lesion"
+DEMO_CXR_MODEL = "demo-cxr-nodule"
+"""The bundled radiograph demo: a nodule classifier on synthetic chest films (rebuild it
+with ``python -m dicomnode.training.cxr_demo --out DIR``)."""
 
 
 def demo_model_path() -> Path:
@@ -44,3 +49,9 @@ def demo_model_path() -> Path:
     """
     # The wheel is never zipped (hatchling installs files), so the resource is a real path.
     return Path(str(resources.files("dicomnode.inference") / "models" / DEMO_MODEL))
+
+
+def demo_model_paths() -> list[Path]:
+    """Every bundled demo package: the lesion segmenter and the radiograph classifier."""
+    base = Path(str(resources.files("dicomnode.inference") / "models"))
+    return [demo_model_path(), base / DEMO_CXR_MODEL]

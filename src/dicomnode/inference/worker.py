@@ -10,6 +10,10 @@ other jobs carry on.
 
 The child reports its peak resident memory (VmHWM, the kernel's high-water mark of its
 resident set) with every result, which is what the memory budget is measured against.
+
+Image models (radiograph classifiers) run there too: the image goes in as its encoded
+DICOM bytes (a few MB) through the pipe, the probabilities and explanation map come back
+pickled.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -58,6 +62,9 @@ def _child(conn: Any, options: RuntimeOptions, budget: float | None) -> None:
             return
         if msg is None:
             return
+        if msg[0] == "image":
+            conn.send(_image_call(sessions, *msg[1:]))
+            continue
         path, shm_in, shape, dtype, affine, spacing, shm_out = msg
         try:
             src = shared_memory.SharedMemory(name=shm_in)
@@ -89,6 +96,26 @@ def _child(conn: Any, options: RuntimeOptions, budget: float | None) -> None:
         conn.send(reply)
 
 
+def _image_call(sessions: ModelSessions, path: str, method: str, data: bytes,
+                kwargs: dict[str, Any]) -> dict[str, Any]:
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(BytesIO(data))
+        if method not in ("classify", "explain"):
+            raise ModelError(f"no image method {method}")
+        out = getattr(sessions.get(path), method)(ds, **kwargs)
+        return {"ok": True, "output": out, "maxrss_kb": _peak_kb()}
+    except NodeError as exc:
+        return {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:  # the type only: a message may quote values
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"ok": False, "kind": "ModelError",
+                "message": f"{type(exc).__name__} in {Path(frame.filename).name}"}
+
+
 @dataclass
 class IsolatedModel:
     """What the node's infer task needs of a model: its package and ``infer_volume``."""
@@ -100,6 +127,14 @@ class IsolatedModel:
     def infer_volume(self, array: np.ndarray, affine: np.ndarray,
                      spacing: tuple[float, float, float]) -> InferenceOutput:
         return self.owner.infer(self.path, array, affine, spacing)
+
+    def classify(self, ds: Any) -> Any:
+        """An image package's :meth:`~dicomnode.inference.image_model.ImageModel.classify`."""
+        return self.owner.call_image(self.path, "classify", ds, {})
+
+    def explain(self, ds: Any, label: int) -> Any:
+        """An image package's :meth:`~dicomnode.inference.image_model.ImageModel.explain`."""
+        return self.owner.call_image(self.path, "explain", ds, {"label": label})
 
 
 class IsolatedSessions:
@@ -164,13 +199,7 @@ class IsolatedSessions:
                                      np.asarray(affine, float), tuple(spacing), dst.name))
                     reply = self._conn.recv()
                 except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-                    self._proc.join(5)
-                    code = self._proc.exitcode
-                    self._proc = None
-                    how = (f"killed by signal {-code}" if code is not None and code < 0
-                           else f"exit status {code}")
-                    raise ModelError(f"the inference worker process died ({how}); "
-                                     "a new one serves the next job") from None
+                    self._died()
                 if not reply["ok"]:
                     raise _ERRORS.get(reply["kind"], ModelError)(reply["message"])
                 self.last_maxrss_kb = int(reply["maxrss_kb"])
@@ -185,6 +214,40 @@ class IsolatedSessions:
                 src.unlink()
                 dst.close()
                 dst.unlink()
+
+    def call_image(self, path: str, method: str, ds: Any, kwargs: dict[str, Any]) -> Any:
+        """Run an image model's ``method`` on ``ds`` in the child.
+
+        Raises
+        ------
+        InferenceError, ModelError, ModelLoadError
+            As :meth:`infer`.
+        """
+        from io import BytesIO
+
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            try:
+                self._conn.send(("image", path, method, buf.getvalue(), kwargs))
+                reply = self._conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+                self._died()
+            if not reply["ok"]:
+                raise _ERRORS.get(reply["kind"], ModelError)(reply["message"])
+            self.last_maxrss_kb = int(reply["maxrss_kb"])
+            return reply["output"]
+
+    def _died(self) -> NoReturn:
+        self._proc.join(5)
+        code = self._proc.exitcode
+        self._proc = None
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit status {code}")
+        raise ModelError(f"the inference worker process died ({how}); "
+                         "a new one serves the next job") from None
 
     def close(self) -> None:
         """Stop the child (at node stop)."""

@@ -82,7 +82,9 @@ from dicomnode.modelpkg.format1 import (
 
 __all__ = [
     "AXES_LETTERS",
+    "RESULT_KINDS",
     "Blend",
+    "Explain",
     "GoldenCase",
     "ImageInput",
     "InferenceSpec",
@@ -273,6 +275,25 @@ class Outputs:
         return len(self.labels) + (1 if self.activation == "softmax" else 0)
 
 
+RESULT_KINDS = ("SEG", "SR", "PM", "KEY")
+"""Objects a package can produce: DICOM SEG, TID 1500 SR, Parametric Map (explanation
+maps), KEY (a rendered key image: the explanation over the source, Secondary Capture)."""
+
+
+@dataclass(frozen=True)
+class Explain:
+    """How the runtime explains a positive label (``[explain]``)."""
+
+    method: Literal["occlusion", "output"] = "occlusion"
+    """``occlusion``: occlusion sensitivity by forward passes only (any classifier);
+    ``output``: the graph's own map, output ``output`` (N, labels, H, W)."""
+    budget_s: float = 10.0
+    """Occlusion: the forward passes must fit in this many seconds (the stride grows)."""
+    patch_fraction: float = 0.125
+    """Occlusion: the hidden patch's side as a fraction of the network input's."""
+    output: str | None = None
+
+
 @dataclass(frozen=True)
 class GoldenCase:
     """An input volume and the labels the package must produce on it (``.npz``: ``volume``
@@ -295,6 +316,10 @@ class ModelPackage2:
     outputs: Outputs
     source: Path
     golden: tuple[GoldenCase, ...] = ()
+    results: tuple[str, ...] = ("SEG", "SR")
+    """The kinds of object the package's results become (:data:`RESULT_KINDS`)."""
+    explain: Explain | None = None
+    """Explanation maps for positive labels (image packages); None: none."""
     description: str = ""
     provenance: Mapping[str, Any] = field(default_factory=dict)
     format: int = 2
@@ -678,6 +703,12 @@ def parse_format2(top: _Fields, where: Path) -> dict[str, Any]:
             raise cf.error("min_dice", "must be in (0, 1]")
         golden.append(case)
     val.done()
+    kinds = _parse_results(top.sub("results", {}), task)
+    raw_explain = top.get("explain", dict, None)
+    explain = _parse_explain(
+        None if raw_explain is None else _Fields(raw_explain, "explain.", where), input_spec)
+    if explain is None and ("PM" in kinds or "KEY" in kinds):
+        raise top.error("results.kinds", "PM and KEY are explanation maps: add [explain]")
     prov = top.get("provenance", dict, {})
     for key, value in prov.items():
         if not isinstance(value, str | int | float | bool):
@@ -692,11 +723,46 @@ def parse_format2(top: _Fields, where: Path) -> dict[str, Any]:
         "inference": inference,
         "outputs": outputs,
         "golden": tuple(golden),
+        "results": kinds,
+        "explain": explain,
         "provenance": dict(prov),
     }
     top.get("format", int)
     top.done()
     return fields
+
+
+def _parse_results(f: _Fields, task: str) -> tuple[str, ...]:
+    default = ["SEG", "SR"] if task == "segmentation" else ["SR"]
+    kinds = f.get("kinds", list, default)
+    bad = [k for k in kinds if k not in RESULT_KINDS]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise f.error("kinds", f"expected distinct values of {list(RESULT_KINDS)}, got {kinds!r}")
+    if task == "classification" and "SEG" in kinds:
+        raise f.error("kinds", "a classifier has no segmentation to encode")
+    f.done()
+    return tuple(kinds)
+
+
+def _parse_explain(f: _Fields | None, input_spec: VolumeInput | ImageInput) -> Explain | None:
+    if f is None:
+        return None
+    if not isinstance(input_spec, ImageInput):
+        raise f.error("method", "explanation maps are for image packages")
+    out = Explain(
+        method=f.choice("method", ("occlusion", "output"), "occlusion"),  # type: ignore[arg-type]
+        budget_s=float(_num(f, "budget_s", 10.0) or 10.0),
+        patch_fraction=float(_num(f, "patch_fraction", 0.125) or 0.125),
+        output=f.get("output", str, None),
+    )
+    if not 0 < out.budget_s <= 600:
+        raise f.error("budget_s", f"must be in (0, 600], got {out.budget_s}")
+    if not 0 < out.patch_fraction <= 0.5:
+        raise f.error("patch_fraction", f"must be in (0, 0.5], got {out.patch_fraction}")
+    if (out.method == "output") != (out.output is not None):
+        raise f.error("output", "name the graph output with method = \"output\" (only then)")
+    f.done()
+    return out
 
 
 def code_of(code: Code) -> dict[str, str]:

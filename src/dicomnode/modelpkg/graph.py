@@ -271,3 +271,8 @@ def check_format2_against_graph(pkg: ModelPackage2, index: int, graph: GraphSign
             f"[{_shape(expected_out)}] (batch, channels of outputs.labels/regions, patch) "
             f"{where}"
         )
+    explain = getattr(pkg, "explain", None)
+    if explain is not None and explain.output is not None and explain.output not in outputs:
+        raise ModelLoadError(
+            f"{member}: no output named {explain.output!r} for [explain] (graph outputs: "
+            f"{sorted(outputs)})")

@@ -22,6 +22,7 @@ from dicomnode import metrics
 from dicomnode.dicom.routing import route_study as decide_routes
 from dicomnode.dicom.volume import assemble_volume
 from dicomnode.errors import InferenceError
+from dicomnode.pipeline.infer_image import infer_images, is_image_package
 from dicomnode.pipeline.learning import is_label
 from dicomnode.pipeline.outcome import settle
 
@@ -105,6 +106,7 @@ def route_study(ctx: TaskContext, study_id: int, version: int) -> None:
                 "model": route.model,
                 "series_key": route.series_key,
                 "run": run,
+                **({"images": list(route.images)} if route.images else {}),
             },
             dedup_key=f"infer:{study_id}:{version}:{route.model}"
             + (f":r{run}" if run > 1 else ""),
@@ -125,7 +127,8 @@ def _labels_only(ctx: TaskContext, study_id: int, version: int) -> bool:
 
 
 def infer(
-    ctx: TaskContext, study_id: int, version: int, model: str, series_key: str, run: int = 1
+    ctx: TaskContext, study_id: int, version: int, model: str, series_key: str, run: int = 1,
+    images: list[str] | None = None,
 ) -> None:
     """Run the active version of ``model`` on one series of a study version.
 
@@ -149,6 +152,9 @@ def infer(
             error=f"no active version of model {model}",
         )
         settle(ctx, study_id)
+        return
+    if images or is_image_package(registered.path):
+        infer_images(ctx, study, registered, series_key, images or [])
         return
     t0 = time.perf_counter()
     paths = ctx.index.series_files(study_id).get(series_key, [])

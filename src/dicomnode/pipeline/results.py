@@ -1,6 +1,8 @@
-"""Results: DICOM SEG and TID 1500 SR from a model's output, and their delivery.
+"""Results: the objects a model's output becomes (SEG, SR, Parametric Map, key image), and
+their delivery.
 
-``encode_results`` builds the objects on the *de-identified* headers (so what the
+``encode_results`` builds the package's result kinds (:mod:`dicomnode.pipeline.kinds`,
+one encoder module per kind) on the *de-identified* headers (so what the
 node keeps on disk stays pseudonymous), writes them under ``results/`` and
 records one outbox row per destination and kind that destination asks for
 (``[peers.*].kinds``) before anything is sent. ``reidentified`` re-identifies one
@@ -21,26 +23,17 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode import __version__, metrics
 from dicomnode.audit import audit
 from dicomnode.dicom.deid import reidentify
-from dicomnode.dicom.findings import (
-    AlgorithmSpec,
-    DeviceSpec,
-    Finding,
-    InstanceReference,
-    derived_uid,
-)
-from dicomnode.dicom.seg import SegmentSpec, build_seg
-from dicomnode.dicom.sources import sanitized_sources, surrogate_frame_of_reference
-from dicomnode.dicom.sr import build_measurement_report
-from dicomnode.dicom.volume import plan_volume
+from dicomnode.dicom.findings import AlgorithmSpec, DeviceSpec, InstanceReference, derived_uid
+from dicomnode.dicom.sources import surrogate_frame_of_reference
 from dicomnode.errors import InferenceError, ReidentificationError
 from dicomnode.modelpkg.format1 import read_model_package
+from dicomnode.pipeline.kinds import ENCODERS, EncodeJob, kinds_of
 from dicomnode.pipeline.notify import resolve_peer
 from dicomnode.pipeline.outcome import record_failure, settle
 
@@ -51,43 +44,10 @@ __all__ = ["destinations_for", "encode_results", "kinds_for", "reidentified"]
 
 log = logging.getLogger(__name__)
 
-_KIND_SERIES_NUMBER = {"SEG": 9001, "SR": 9002}
-
-
 def _encode(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def _per_label(findings: list[dict], modality: str) -> list[Finding]:
-    """Components per label -> one SR finding per label (TID 1411 is per SEG segment).
-
-    Mean intensity is reported for CT only, where its unit is HU; for MR and other
-    modalities the stored values have no standard unit, so no intensity is claimed.
-    """
-    by_label: dict[int, list[dict]] = {}
-    for f in findings:
-        by_label.setdefault(int(f["label"]), []).append(f)
-    out = []
-    for label, comps in sorted(by_label.items()):
-        voxels = sum(int(c["voxel_count"]) for c in comps)
-        mean = None
-        if modality == "CT":
-            mean = float(
-                sum(float(c["mean_value"]) * int(c["voxel_count"]) for c in comps)
-                / max(1, voxels)
-            )
-        out.append(
-            Finding(
-                label_number=label,
-                label=str(comps[0]["label_name"]),
-                volume_mm3=float(sum(float(c["volume_mm3"]) for c in comps)),
-                max_diameter_mm=float(max(float(c["max_diameter_mm"]) for c in comps)),
-                mean_intensity=mean,
-            )
-        )
-    return out
 
 
 def _safe_message(exc: BaseException) -> str:
@@ -98,52 +58,6 @@ def _safe_message(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     origin = frames[-1].filename.rsplit("/", 2)[-2] if frames else "?"
     return f"{type(exc).__name__} raised in {origin}"
-
-
-def _sources(
-    ctx: TaskContext, result: Any
-) -> tuple[list[Dataset], list[int] | None, str, np.ndarray]:
-    """The sanitised source headers a result's SEG/SR are built on, its frame numbers (one
-    multi-frame source) or None, the series' modality, and the mask on those frames.
-
-    Raises
-    ------
-    InferenceError
-        The series no longer matches the frames the result was made on.
-    """
-    mask, refs = ctx.results.load_mask(result)
-    files = ctx.index.series_files(result.study_id).get(result.series_key, [])
-    headers = []
-    for path in files:
-        with open(ctx.files.path(path), "rb") as fh:
-            try:
-                headers.append(dcmread(fh, stop_before_pixels=True))
-            except Exception:  # unreadable: inference left it out the same way
-                continue
-    # The same headers give the same plan as at inference (assembly is deterministic).
-    plan = plan_volume(headers)
-    if [f.ref for f in plan.frames] != list(refs):
-        raise InferenceError(
-            "the series' frames differ from those the result was made on "
-            f"({len(plan.frames)} now, {len(refs)} then)"
-        )
-    used: list[int] = []
-    for f in plan.frames:
-        if f.dataset_index not in used:
-            used.append(f.dataset_index)
-    sanitized = sanitized_sources(
-        [headers[i] for i in used],
-        list(plan.frames),
-        slice_thickness=plan.spacing[0],
-        surrogate_frame_of_reference_uid=surrogate_frame_of_reference(plan.series_instance_uid),
-    )
-    if all(f.frame_number is None for f in plan.frames):
-        by_uid = {str(ds.SOPInstanceUID): ds for ds in sanitized}
-        return [by_uid[f.sop_instance_uid] for f in plan.frames], None, plan.modality, mask
-    if len(sanitized) == 1:
-        numbers = [int(f.frame_number or 1) for f in plan.frames]
-        return sanitized, numbers, plan.modality, mask
-    raise InferenceError("the volume mixes multi-frame and single-frame objects")
 
 
 def destinations_for(ctx: TaskContext, study_id: int, model: str) -> list[str]:
@@ -158,16 +72,17 @@ def destinations_for(ctx: TaskContext, study_id: int, model: str) -> list[str]:
 
 
 def kinds_for(ctx: TaskContext, destination: str, study: Any) -> tuple[str, ...]:
-    """The SEG/SR kinds a destination asks for ("caller" matching no peer: SEG and SR,
+    """The object kinds a destination asks for ("caller" matching no peer: all of them,
     so that its rows show up as unroutable instead of vanishing)."""
     found = resolve_peer(ctx, destination, study)
     if found is None:
-        return ("SEG", "SR")
-    return tuple(k for k in found[1].result_kinds if k in ("SEG", "SR"))
+        return tuple(ENCODERS)
+    return tuple(k for k in found[1].result_kinds if k in ENCODERS)
 
 
 def encode_results(ctx: TaskContext, result_id: int) -> None:
-    """Build the SEG and SR of one inference result and queue them for delivery."""
+    """Build the objects of one inference result (the package's kinds,
+    :mod:`dicomnode.pipeline.kinds`) and queue them for delivery."""
     result = ctx.results.get(result_id)
     if result is None or result.status != "done":
         return
@@ -175,11 +90,6 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
     if study is None or study.version != result.study_version:
         return  # a later version is on its way; its own result will be encoded
     t0 = time.perf_counter()
-    try:
-        sources, frame_numbers, modality, mask = _sources(ctx, result)
-    except InferenceError as exc:
-        record_failure(ctx, result.study_id, result.model_name, f"results not encoded: {exc}")
-        return
     registered = ctx.registry.get(result.model_name, result.model_version)
     assert registered is not None
     pkg = read_model_package(registered.path)
@@ -193,21 +103,7 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
         device_observer_name=ctx.settings.ae_title,
         institution_name=rs.institution_name,
     )
-    algorithm = AlgorithmSpec(name=pkg.name, version=pkg.version)
-    segments = [
-        SegmentSpec(
-            number=lb.number,
-            label=lb.name,
-            category=(lb.category.scheme, lb.category.value, lb.category.meaning),
-            type=(lb.type.scheme, lb.type.value, lb.type.meaning),
-            rgb=lb.color,
-        )
-        for lb in pkg.labels
-    ]
-    key = (study.study_key, result.study_version, result.model_name, result.model_version)
-    when = _dt.datetime.fromtimestamp(result.created_at).replace(microsecond=0)
     dests = destinations_for(ctx, result.study_id, result.model_name)
-    objects: list[tuple[str, Dataset]] = []
 
     def previous(kind: str) -> InstanceReference | None:
         for dest in dests or ["-"]:
@@ -223,40 +119,23 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
                 )
         return None
 
-    kind = "SEG"
+    job = EncodeJob(
+        ctx=ctx, result=result, study=study, package=pkg, device=device,
+        algorithm=AlgorithmSpec(name=pkg.name, version=pkg.version),
+        when=_dt.datetime.fromtimestamp(result.created_at).replace(microsecond=0),
+        previous=previous,
+    )
+    kinds = kinds_of(getattr(pkg, "results", ("SEG", "SR")), seg_on=rs.seg, sr_on=rs.sr)
+    objects: list[tuple[str, Dataset]] = []
+    kind = kinds[0] if kinds else "-"
     try:
-        seg = build_seg(
-            sources,
-            mask,
-            segments,
-            algorithm,
-            device=device,
-            series_instance_uid=derived_uid("seg-series", *key),
-            sop_instance_uid=derived_uid("seg", *key),
-            series_number=_KIND_SERIES_NUMBER["SEG"],
-            series_description=f"{pkg.name} {pkg.version} segmentation",
-            supersedes=previous("SEG"),
-            content_datetime=when,
-            frame_numbers=frame_numbers,
-        )
-        if rs.seg:
-            objects.append(("SEG", seg))
-        if rs.sr:
-            kind = "SR"
-            sr = build_measurement_report(
-                sources,
-                seg,
-                _per_label(result.findings, modality),
-                algorithm,
-                device=device,
-                series_instance_uid=derived_uid("sr-series", *key),
-                sop_instance_uid=derived_uid("sr", *key),
-                series_number=_KIND_SERIES_NUMBER["SR"],
-                supersedes=previous("SR"),
-                content_datetime=when,
-            )
-            objects.append(("SR", sr))
+        for kind in kinds:
+            job.built[kind] = ENCODERS[kind](job)
+            objects += [(kind, ds) for ds in job.built[kind]]
         encoded = [(k, _encode(ds)) for k, ds in objects]
+    except InferenceError as exc:
+        record_failure(ctx, result.study_id, result.model_name, f"results not encoded: {exc}")
+        return
     except Exception as exc:
         # Building is deterministic: a retry would fail the same way. Say what and why.
         record_failure(
@@ -271,9 +150,10 @@ def encode_results(ctx: TaskContext, result_id: int) -> None:
     encode_s = time.perf_counter() - t0
     metrics.STAGE_SECONDS.labels("encode").observe(encode_s)
     for (kind, ds), (_, data) in zip(objects, encoded, strict=True):
+        suffix = "" if len(job.built[kind]) == 1 else f"-{str(ds.SOPInstanceUID)[-12:]}"
         path = (
             f"results/{study.study_key}/{kind.lower()}-v{result.study_version}-"
-            f"{result.model_name}-{result.model_version}.dcm"
+            f"{result.model_name}-{result.model_version}{suffix}.dcm"
         )
         ctx.files.write(path, data)
         prev = previous(kind)

@@ -58,6 +58,41 @@ class ResultStore:
             error=None,
         )
 
+    def save_maps(
+        self,
+        *,
+        study_id: int,
+        study_key: str,
+        study_version: int,
+        model_name: str,
+        model_version: str,
+        series_key: str,
+        sop_keys: list[str],
+        maps: dict[str, np.ndarray],
+        findings: list[dict[str, Any]],
+        timings: dict[str, Any],
+    ) -> InferenceResult:
+        """Record an image model's result: its findings, and its explanation maps (name ->
+        (rows, columns) float32) with the classified images' SOP keys, in one file.
+        Idempotent per (study, version, model), as :meth:`save`."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, sop_keys=np.array(sop_keys),
+                            **{f"map:{name}": m for name, m in maps.items()})
+        path = f"results/{study_key}/v{study_version}-{model_name}-{model_version}.npz"
+        self.files.write(path, buf.getvalue())
+        return self._upsert(
+            study_id=study_id,
+            study_version=study_version,
+            model_name=model_name,
+            model_version=model_version,
+            series_key=series_key,
+            status="done",
+            mask_path=path,
+            findings=findings,
+            timings=timings,
+            error=None,
+        )
+
     def fail(
         self,
         *,
@@ -135,3 +170,10 @@ class ResultStore:
         assert result.mask_path is not None
         with np.load(io.BytesIO(self.files.read(result.mask_path))) as z:
             return z["mask"], [str(k) for k in z["sop_keys"]]
+
+    def load_maps(self, result: InferenceResult) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The explanation maps (name -> array) and image SOP keys of an image result."""
+        assert result.mask_path is not None
+        with np.load(io.BytesIO(self.files.read(result.mask_path))) as z:
+            maps = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("map:")}
+            return maps, [str(k) for k in z["sop_keys"]]
