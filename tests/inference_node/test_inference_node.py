@@ -49,8 +49,8 @@ def test_demo_model_finds_the_lesions_of_a_fresh_phantom(tmp_path: Path) -> None
         routing = json.loads(info)["routing"]
         assert routing["applicable"] and routing["routes"][0]["model"] == "demo-lesion"
         models = json.loads(node.cli("models", "list", "--json").stdout)
-        assert [(m["name"], m["version"], m["status"]) for m in models] == [
-            ("demo-lesion", "1.0.0", "active")]
+        assert sorted((m["name"], m["version"], m["status"]) for m in models) == [
+            ("demo-cxr-nodule", "1.0.0", "active"), ("demo-lesion", "1.0.0", "active")]
 
 
 def test_routing_picks_the_thinnest_axial_series_and_records_non_matching(tmp_path: Path) -> None:

@@ -213,8 +213,11 @@ def test_study_retry_only_from_a_final_outcome_and_audited(
 
 
 def test_models_show_versions_metrics_and_drift(api: httpx.Client) -> None:
-    [m] = api.get("/api/models").json()["items"]
-    assert m["name"] == "demo-lesion" and m["active_version"] == "1.0.0"
+    items = api.get("/api/models").json()["items"]
+    # both bundled demos are registered on a fresh node
+    assert sorted(x["name"] for x in items) == ["demo-cxr-nodule", "demo-lesion"]
+    [m] = [x for x in items if x["name"] == "demo-lesion"]
+    assert m["active_version"] == "1.0.0"
     versions = {v["version"]: v for v in m["versions"]}
     assert versions["1.0.0"]["status"] == "active"
     assert versions["1.0.0"]["heldout_dice"] == pytest.approx(0.9802)
@@ -325,7 +328,8 @@ def test_pages_render(api: httpx.Client, node_data: NodeData) -> None:
     assert f"/ui/studies/{node_data.study_id}/results/{node_data.result_id}/coronal.png" in study
     assert 'id="retry-' in study and "Lesion" in study
     models = api.get("/ui/models").text
-    assert models.count("<svg") == 3 and "<polyline" in models
+    n_models = len(api.get("/api/models").json()["items"])
+    assert n_models == 2 and models.count("<svg") == 3 * n_models and "<polyline" in models
     for plane in ("axial", "coronal", "sagittal"):
         png = api.get(f"/ui/studies/{node_data.study_id}/results/{node_data.result_id}/"
                       f"{plane}.png")

@@ -230,7 +230,8 @@ def test_dashboard_shows_the_study_and_retry_delivers(tmp_path: Path, browser: A
     assert retry["Detail"] == {"action": "outbox_retry", "outbox_id": seg["id"],
                                "previous_status": "dead"}
     deid = [a for a in audit_lines if a["event"] == "deidentified"]  # per study and run
-    assert sum(a["Detail"]["instances"]["deidentified"] for a in deid) == 16
+    assert sum(a["Detail"]["instances"]["deidentified"] for a in deid) == 16, \
+        [(a["Detail"], a.get("EventDateTime")) for a in deid]
     assert {a["ParticipantObjectIdentification"][0]["ParticipantObjectID"] for a in deid} == {
         study_row["study_key"]}
     # the trail goes to its own file only

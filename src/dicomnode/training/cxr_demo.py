@@ -134,7 +134,7 @@ def _accuracy(net: Net, x: np.ndarray, y: np.ndarray, threshold: float) -> float
     return float(((p >= threshold) == (y > 0.5)).mean())
 
 
-def build_cxr_demo(out: Path, *, n_train: int = 400, epochs: int = 20, seed: int = 0,
+def build_cxr_demo(out: Path, *, n_train: int = 800, epochs: int = 24, seed: int = 0,
                    threads: int = 2) -> dict[str, Any]:
     """Train, calibrate, export and write the package; return its metrics."""
     torch.manual_seed(seed)
@@ -182,7 +182,7 @@ def build_cxr_demo(out: Path, *, n_train: int = 400, epochs: int = 20, seed: int
         "outputs": {"name": "logits", "kind": "logits", "activation": "sigmoid",
                     "labels": [label]},
         "results": {"kinds": ["SR", "PM", "KEY"]},
-        "explain": {"method": "occlusion", "budget_s": 10.0, "patch_fraction": 0.125},
+        "explain": {"method": "occlusion", "budget_s": 20.0, "patch_fraction": 0.125},
         "provenance": dict(metrics),
     }
     onnx = export_static(net, (1, 1, *SIZE), input_name="image")
@@ -193,7 +193,7 @@ def build_cxr_demo(out: Path, *, n_train: int = 400, epochs: int = 20, seed: int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=24)
     args = parser.parse_args(argv)
     print(json.dumps(build_cxr_demo(args.out, epochs=args.epochs), indent=2))
     return 0
