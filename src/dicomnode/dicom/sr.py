@@ -51,11 +51,10 @@ import datetime as _dt
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
-
-import numpy as np
 
 from dicomnode.dicom.findings import (
     AlgorithmSpec,
@@ -239,24 +238,6 @@ def _component_measurements(c: ComponentFinding) -> list[hd.sr.Measurement]:
     return out
 
 
-def _seg_frame_index(segmentation: Dataset) -> dict[tuple[int, str, int | None], int]:
-    """(segment, source SOP Instance UID, source frame or None) -> SEG frame number, from
-    the SEG's per-frame Derivation Image references (empty when it has none)."""
-    out: dict[tuple[int, str, int | None], int] = {}
-    for number, item in enumerate(segmentation.get("PerFrameFunctionalGroupsSequence", []), 1):
-        ident = item.get("SegmentIdentificationSequence")
-        if not ident:
-            continue
-        segment = int(ident[0].ReferencedSegmentNumber)
-        for derivation in item.get("DerivationImageSequence", []):
-            for source in derivation.get("SourceImageSequence", []):
-                frame = source.get("ReferencedFrameNumber")
-                key = (segment, str(source.ReferencedSOPInstanceUID),
-                       int(frame) if frame is not None else None)
-                out.setdefault(key, number)
-    return out
-
-
 def _source_frame(
     source_datasets: Sequence[Dataset], frame_numbers: Sequence[int] | None, index: int
 ) -> tuple[Dataset, int | None]:
@@ -270,15 +251,15 @@ def _component_group(
     *,
     item: Dataset,
     segmentation: Dataset,
-    seg_frames: dict[tuple[int, str, int | None], int],
     source_datasets: Sequence[Dataset],
     frame_numbers: Sequence[int] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """One TID 1411 group about one component: its region is the part of its SEG segment
-    on the frames it spans (Referenced Segment with those SEG frames and the source
-    images), its location a SCOORD3D point (patient coordinates) and a SCOORD point on
-    the source image nearest the centroid."""
+    """One TID 1411 group about one component: its region is its SEG segment restricted
+    to the source images it spans (Referenced Segment with those images as Source Image
+    for Segmentation; naming SEG frames instead is not allowed together with the
+    segment number, PS3.3 C.17.3.2.1), its location a SCOORD3D point (patient
+    coordinates) and a SCOORD point on the source image nearest the centroid."""
     sources = [_source_frame(source_datasets, frame_numbers, i) for i in c.frames]
     if frame_numbers is None:
         source_images = [
@@ -294,13 +275,6 @@ def _component_group(
                 referenced_frame_numbers=[int(f) for _, f in sources],  # type: ignore[misc]
             )
         ]
-    numbers = sorted(
-        {
-            seg_frames[key]
-            for ds, f in sources
-            if (key := (c.label_number, str(ds.SOPInstanceUID), f)) in seg_frames
-        }
-    )
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=c.tracking_uid, identifier=c.tracking_identifier
@@ -309,7 +283,6 @@ def _component_group(
             sop_class_uid=str(segmentation.SOPClassUID),
             sop_instance_uid=str(segmentation.SOPInstanceUID),
             segment_number=c.label_number,
-            frame_numbers=numbers or None,
             source_images=source_images,
         ),
         finding_type=_concept(_code_of(item, "SegmentedPropertyTypeCodeSequence")),
@@ -573,14 +546,12 @@ def build_measurement_report(
             )
         )
 
-    seg_frames = _seg_frame_index(segmentation) if components else {}
     for c in components:
         groups.append(
             _component_group(
                 c,
                 item=segment_items[c.label_number],
                 segmentation=segmentation,
-                seg_frames=seg_frames,
                 source_datasets=source_datasets,
                 frame_numbers=frame_numbers,
                 algorithm_id=algorithm_id,
