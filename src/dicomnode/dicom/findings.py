@@ -251,8 +251,8 @@ class Finding:
     mean_intensity: float | None = None
     """Mean value inside the region after rescale (HU for CT)."""
     centroid_mm: tuple[float, float, float] | None = None
-    """Centre of mass in patient coordinates (mm, LPS). Kept for logs and worklists;
-    TID 1411 has no slot for it, so the SR does not carry it."""
+    """Centre of mass in patient coordinates (mm, LPS). Kept for logs and worklists; the
+    SR writes a location only for a :class:`ComponentFinding` (one lesion)."""
 
     def __post_init__(self) -> None:
         if (

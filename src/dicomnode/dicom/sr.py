@@ -27,6 +27,14 @@ One report per study and model. Its content tree (PS3.16 TID 1500):
 
   (the name/derivation pairs follow the dcmqi/QIICR TID 1500 convention; mean
   intensity is written for CT only, since HU is its unit).
+  Then one group per :class:`ComponentFinding` (a finding one by one: one connected
+  component of a segment, IHE AI Results style): its own Tracking Identifier and UID,
+  volume, 3D diameter, Long axis (103339001, SCT) and Short axis (103340004, SCT) in
+  mm, mean HU; its region a Referenced Segment (the SEG segment it belongs to) with the
+  source images it spans as Source Image for Segmentation; its location two items
+  extending TID 1411 (concept (128138, DCM, "Center of Mass"), CID 219): a SCOORD3D
+  POINT in the source Frame of Reference and a SCOORD POINT SELECTED FROM the source
+  image nearest the centroid.
 - Qualitative Evaluations (C0034375, UMLS, "Qualitative Evaluations"), TID 1500
   row 12, the report-level summary a PACS or worklist can show: one CODE item
   per distinct segment property type of the SEG, concept name = that type
