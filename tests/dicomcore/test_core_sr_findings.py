@@ -199,3 +199,40 @@ def test_long_and_short_axis_of_an_ellipse() -> None:
     assert long_axis == pytest.approx(2 * a, rel=1e-4)
     assert short_axis == pytest.approx(2 * b, rel=1e-3)
     assert long_and_short_axis(np.array([[1.0, 1.0]])) == (0.0, 0.0)
+
+
+def test_multi_frame_source(built, three: PhantomStudy, tmp_path: Path) -> None:
+    """One enhanced (multi-frame) source: the region and the location name its frames."""
+    import copy
+
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    _, _, components = built
+    mf = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=[copy.deepcopy(ds) for ds in three.datasets],
+        series_instance_uid=derived_uid("t", "mf series"), series_number=90,
+        sop_instance_uid=derived_uid("t", "mf"), instance_number=1)
+    positions = [float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+                 for f in mf.PerFrameFunctionalGroupsSequence]
+    # mask slice k lies on the frame at z = 3 k (highdicom orders the frames its own way)
+    numbers = [positions.index(k * SPACING[0]) + 1 for k in range(len(three.datasets))]
+    seg = build_seg([mf], three.mask, [LESION], ALGORITHM, device=DEVICE,
+                    series_instance_uid=derived_uid("t", "mf seg series"),
+                    sop_instance_uid=derived_uid("t", "mf seg"), series_number=901,
+                    content_datetime=WHEN, frame_numbers=numbers)
+    sr = build_measurement_report([mf], seg, [], ALGORITHM, device=DEVICE,
+                                  components=components, frame_numbers=numbers,
+                                  series_instance_uid=derived_uid("t", "mf sr series"),
+                                  sop_instance_uid=derived_uid("t", "mf sr"), series_number=902,
+                                  content_datetime=WHEN)
+    back = assert_valid(sr, tmp_path / "mf-sr.dcm")
+    for group, comp in zip(_groups(back), components, strict=True):
+        [source] = _named(group, "Source Image for Segmentation")
+        ref = source.ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        assert [int(f) for f in ref.ReferencedFrameNumber] == [numbers[k] for k in comp.frames]
+        [point] = [i for i in _named(group, CENTER_OF_MASS.meaning) if i.ValueType == "SCOORD"]
+        assert point.PixelOriginInterpretation == "FRAME"
+        [image] = point.ContentSequence
+        frame = int(image.ReferencedSOPSequence[0].ReferencedFrameNumber)
+        assert frame == numbers[comp.centroid_frame]
