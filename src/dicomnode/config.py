@@ -544,6 +544,10 @@ class ResultSettings(_Section):
     """Association and DIMSE timeout when sending."""
     manufacturer: str = "dicomnode"
     institution_name: str | None = None
+    tracking_tolerance_mm: float = Field(10.0, gt=0)
+    """A finding of a re-run study keeps the Tracking Identifier and UID of the earlier
+    result's finding of the same label whose centroid lies within this distance
+    (DESIGN.md, "Per-finding results")."""
 
 
 class LearningSettings(_Section):

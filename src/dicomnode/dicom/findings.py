@@ -27,6 +27,7 @@ __all__ = [
     "ARTIFICIAL_INTELLIGENCE",
     "AlgorithmSpec",
     "CodeTriple",
+    "ComponentFinding",
     "DeviceSpec",
     "Finding",
     "InstanceReference",
@@ -250,8 +251,8 @@ class Finding:
     mean_intensity: float | None = None
     """Mean value inside the region after rescale (HU for CT)."""
     centroid_mm: tuple[float, float, float] | None = None
-    """Centre of mass in patient coordinates (mm, LPS). Kept for logs and worklists;
-    TID 1411 has no slot for it, so the SR does not carry it."""
+    """Centre of mass in patient coordinates (mm, LPS). Kept for logs and worklists; the
+    SR writes a location only for a :class:`ComponentFinding` (one lesion)."""
 
     def __post_init__(self) -> None:
         if (
@@ -284,6 +285,91 @@ class Finding:
                 )
             centroid = tuple(_number(v, "Finding.centroid_mm") for v in self.centroid_mm)
             object.__setattr__(self, "centroid_mm", centroid)
+
+
+@dataclass(frozen=True)
+class ComponentFinding:
+    """One finding of a segmentation: one connected component of one SEG segment, with
+    its tracking identity (one TID 1411 group of its own, IHE AI Results style).
+
+    Frames are indices into the source frames in mask order (the order of
+    ``source_datasets``, or of ``frame_numbers`` for one multi-frame source).
+    """
+
+    label_number: int
+    """The SEG segment the component belongs to."""
+    tracking_identifier: str
+    """E.g. "Lesion 2"; kept across re-runs of the study while the finding persists."""
+    tracking_uid: str
+    volume_mm3: float
+    centroid_mm: tuple[float, float, float]
+    """Centre of mass in patient coordinates (mm, LPS)."""
+    frames: tuple[int, ...]
+    """Source frames the component lies in (its region in the SEG segment)."""
+    centroid_frame: int
+    """The source frame nearest the centroid along the slice normal."""
+    centroid_pixel: tuple[float, float]
+    """(column, row) of the centroid on ``centroid_frame`` (SCOORD image coordinates:
+    the top left corner of the first pixel is (0, 0))."""
+    max_diameter_mm: float | None = None
+    """Largest 3D diameter."""
+    long_axis_mm: float | None = None
+    """Largest in-plane diameter in any one slice."""
+    short_axis_mm: float | None = None
+    """Largest extent perpendicular to the long axis in its slice; None where not
+    meaningful (a long axis of 0)."""
+    mean_intensity: float | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.label_number, bool)
+            or not isinstance(self.label_number, numbers.Integral)
+            or not 1 <= self.label_number <= 65535
+        ):
+            raise ValueError(
+                "ComponentFinding.label_number must be an int in 1..65535, "
+                f"got {self.label_number!r}"
+            )
+        object.__setattr__(self, "label_number", int(self.label_number))
+        check_lo(self.tracking_identifier, "ComponentFinding.tracking_identifier")
+        if not self.tracking_identifier.strip():
+            raise ValueError("ComponentFinding.tracking_identifier must not be empty")
+        check_uid(self.tracking_uid, "ComponentFinding.tracking_uid")
+        object.__setattr__(
+            self, "volume_mm3", _number(self.volume_mm3, "ComponentFinding.volume_mm3", 0.0)
+        )
+        for attr in ("max_diameter_mm", "long_axis_mm", "short_axis_mm"):
+            if getattr(self, attr) is not None:
+                value = _number(getattr(self, attr), f"ComponentFinding.{attr}", 0.0)
+                object.__setattr__(self, attr, value)
+        if self.mean_intensity is not None:
+            value = _number(self.mean_intensity, "ComponentFinding.mean_intensity")
+            object.__setattr__(self, "mean_intensity", value)
+        if len(self.centroid_mm) != 3:
+            raise ValueError(
+                f"ComponentFinding.centroid_mm must have 3 values, got {len(self.centroid_mm)}"
+            )
+        object.__setattr__(
+            self,
+            "centroid_mm",
+            tuple(_number(v, "ComponentFinding.centroid_mm") for v in self.centroid_mm),
+        )
+        if len(self.centroid_pixel) != 2:
+            raise ValueError("ComponentFinding.centroid_pixel must have 2 values")
+        object.__setattr__(
+            self,
+            "centroid_pixel",
+            tuple(_number(v, "ComponentFinding.centroid_pixel", 0.0) for v in self.centroid_pixel),
+        )
+        frames = tuple(int(f) for f in self.frames)
+        if not frames or min(frames) < 0:
+            raise ValueError("ComponentFinding.frames must name at least one frame index >= 0")
+        object.__setattr__(self, "frames", tuple(sorted(set(frames))))
+        if isinstance(self.centroid_frame, bool) or int(self.centroid_frame) < 0:
+            raise ValueError(
+                f"ComponentFinding.centroid_frame must be >= 0, got {self.centroid_frame!r}"
+            )
+        object.__setattr__(self, "centroid_frame", int(self.centroid_frame))
 
 
 def _number(value: object, name: str, minimum: float | None = None) -> float:

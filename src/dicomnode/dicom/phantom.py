@@ -59,6 +59,10 @@ class PhantomSpec:
     slice_thickness_mm: float = 3.0
     n_lesions: int = 2
     """Upper bound; a lesion that does not fit in the body is skipped."""
+    lesions: tuple[Lesion, ...] | None = None
+    """Plant exactly these lesions (ground truth at known places, e.g. several lesions
+    for per-finding results) instead of ``n_lesions`` random ones; each must lie inside
+    the volume and not overlap another."""
     lesion_radius_mm: tuple[float, float] = (5.0, 12.0)
     n_vessels: int = 6
     noise_hu: float = 25.0
@@ -121,7 +125,18 @@ def _volume(
 
     zz = np.arange(z, dtype=np.float32)[:, None, None]
     lesions: list[Lesion] = []
-    for _ in range(spec.n_lesions):
+    for lesion in spec.lesions or ():
+        c, radii = lesion.center, lesion.radii_mm
+        inside = (
+            ((zz - c[0]) * sz / radii[0]) ** 2
+            + ((yy[None] - c[1]) * sy / radii[1]) ** 2
+            + ((xx[None] - c[2]) * sx / radii[2]) ** 2
+        ) <= 1.0
+        if not inside.any() or (inside & (mask > 0)).any():
+            raise ValueError(f"lesion at {c} lies outside the volume or overlaps another")
+        mask[inside] = 1
+        lesions.append(lesion)
+    for _ in range(0 if spec.lesions is not None else spec.n_lesions):
         r = rng.uniform(*spec.lesion_radius_mm)
         radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2))
         z_lo, z_hi = radii[0] / sz + 1, z - radii[0] / sz - 2

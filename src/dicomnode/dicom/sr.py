@@ -27,6 +27,14 @@ One report per study and model. Its content tree (PS3.16 TID 1500):
 
   (the name/derivation pairs follow the dcmqi/QIICR TID 1500 convention; mean
   intensity is written for CT only, since HU is its unit).
+  Then one group per :class:`ComponentFinding` (a finding one by one: one connected
+  component of a segment, IHE AI Results style): its own Tracking Identifier and UID,
+  volume, 3D diameter, Long axis (103339001, SCT) and Short axis (103340004, SCT) in
+  mm, mean HU; its region a Referenced Segment (the SEG segment it belongs to) with the
+  source images it spans as Source Image for Segmentation; its location two items
+  extending TID 1411 (concept (128138, DCM, "Center of Mass"), CID 219): a SCOORD3D
+  POINT in the source Frame of Reference and a SCOORD POINT SELECTED FROM the source
+  image nearest the centroid.
 - Qualitative Evaluations (C0034375, UMLS, "Qualitative Evaluations"), TID 1500
   row 12, the report-level summary a PACS or worklist can show: one CODE item
   per distinct segment property type of the SEG, concept name = that type
@@ -51,6 +59,7 @@ import datetime as _dt
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
@@ -58,6 +67,7 @@ from pydicom.uid import SegmentationStorage
 from dicomnode.dicom.findings import (
     AlgorithmSpec,
     CodeTriple,
+    ComponentFinding,
     DeviceSpec,
     Finding,
     InstanceReference,
@@ -71,6 +81,8 @@ from dicomnode.dicom.seg import REPLACED_PURPOSE
 
 __all__ = [
     "ABSENT",
+    "CENTER_OF_MASS",
+    "ComponentFinding",
     "PRESENT",
     "QUALITATIVE_EVALUATIONS",
     "Finding",
@@ -81,6 +93,10 @@ PRESENT = CodeTriple("SCT", "52101004", "Present")
 ABSENT = CodeTriple("SCT", "272519000", "Absent")
 QUALITATIVE_EVALUATIONS = CodeTriple("UMLS", "C0034375", "Qualitative Evaluations")
 _DIAMETER = CodeTriple("SCT", "81827009", "Diameter")
+_LONG_AXIS = CodeTriple("SCT", "103339001", "Long axis")
+_SHORT_AXIS = CodeTriple("SCT", "103340004", "Short axis")
+CENTER_OF_MASS = CodeTriple("DCM", "128138", "Center of Mass")
+"""Concept name of a finding's location items (CID 219, as a geometric purpose)."""
 _ATTENUATION = CodeTriple("DCM", "112031", "Attenuation Coefficient")
 _LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 _PROCEDURES = {
@@ -198,6 +214,127 @@ def _measurements(finding: Finding) -> list[hd.sr.Measurement]:
     return out
 
 
+def _component_measurements(c: ComponentFinding) -> list[hd.sr.Measurement]:
+    out = [
+        hd.sr.Measurement(
+            name=codes.SCT.Volume, value=c.volume_mm3, unit=codes.UCUM.CubicMillimeter
+        )
+    ]
+    if c.max_diameter_mm is not None:
+        out.append(
+            hd.sr.Measurement(
+                name=_concept(_DIAMETER),
+                value=c.max_diameter_mm,
+                unit=codes.UCUM.Millimeter,
+                derivation=codes.SCT.Maximum,
+            )
+        )
+    for code, value in ((_LONG_AXIS, c.long_axis_mm), (_SHORT_AXIS, c.short_axis_mm)):
+        if value is not None:
+            out.append(
+                hd.sr.Measurement(name=_concept(code), value=value, unit=codes.UCUM.Millimeter)
+            )
+    if c.mean_intensity is not None:
+        out.append(
+            hd.sr.Measurement(
+                name=_concept(_ATTENUATION),
+                value=c.mean_intensity,
+                unit=codes.UCUM.HounsfieldUnit,
+                derivation=codes.SCT.Mean,
+            )
+        )
+    return out
+
+
+def _source_frame(
+    source_datasets: Sequence[Dataset], frame_numbers: Sequence[int] | None, index: int
+) -> tuple[Dataset, int | None]:
+    if frame_numbers is None:
+        return source_datasets[index], None
+    return source_datasets[0], int(frame_numbers[index])
+
+
+def _component_group(
+    c: ComponentFinding,
+    *,
+    item: Dataset,
+    segmentation: Dataset,
+    source_datasets: Sequence[Dataset],
+    frame_numbers: Sequence[int] | None,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1411 group about one component: its region is its SEG segment restricted
+    to the source images it spans (Referenced Segment with those images as Source Image
+    for Segmentation; naming SEG frames instead is not allowed together with the
+    segment number, PS3.3 C.17.3.2.1), its location a SCOORD3D point (patient
+    coordinates) and a SCOORD point on the source image nearest the centroid."""
+    sources = [_source_frame(source_datasets, frame_numbers, i) for i in c.frames]
+    if frame_numbers is None:
+        source_images = [
+            hd.sr.SourceImageForSegmentation(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+            for ds, _ in sources
+        ]
+    else:
+        ds0 = source_datasets[0]
+        source_images = [
+            hd.sr.SourceImageForSegmentation(
+                str(ds0.SOPClassUID),
+                str(ds0.SOPInstanceUID),
+                referenced_frame_numbers=[int(f) for _, f in sources],  # type: ignore[misc]
+            )
+        ]
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=c.tracking_uid, identifier=c.tracking_identifier
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=str(segmentation.SOPClassUID),
+            sop_instance_uid=str(segmentation.SOPInstanceUID),
+            segment_number=c.label_number,
+            source_images=source_images,
+        ),
+        finding_type=_concept(_code_of(item, "SegmentedPropertyTypeCodeSequence")),
+        finding_category=_concept(_code_of(item, "SegmentedPropertyCategoryCodeSequence")),
+        algorithm_id=algorithm_id,
+        measurements=_component_measurements(c),
+    )
+    # Location: TID 1411 is extensible and has no row for a centre point, so the two
+    # items below extend it (concept from CID 219); a reader that does not know them
+    # skips them (dcmqi's tid1500reader does).
+    content = group[0].ContentSequence
+    ds, frame = _source_frame(source_datasets, frame_numbers, c.centroid_frame)
+    for_uid = str(ds.get("FrameOfReferenceUID", "") or source_datasets[0].get(
+        "FrameOfReferenceUID", ""))
+    if for_uid:
+        content.append(
+            hd.sr.Scoord3DContentItem(
+                name=_concept(CENTER_OF_MASS),
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([c.centroid_mm], dtype=np.float64),
+                frame_of_reference_uid=for_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    point = hd.sr.ScoordContentItem(
+        name=_concept(CENTER_OF_MASS),
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([c.centroid_pixel], dtype=np.float64),
+        pixel_origin_interpretation=(
+            hd.sr.PixelOriginInterpretationValues.FRAME if frame is not None else None
+        ),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    point.ContentSequence = [
+        hd.sr.SourceImageForRegion(
+            str(ds.SOPClassUID),
+            str(ds.SOPInstanceUID),
+            referenced_frame_numbers=[frame] if frame is not None else None,
+        )
+    ]
+    content.append(point)
+    return group
+
+
 def _qualitative_container(
     segment_items: dict[int, Dataset], findings: Sequence[Finding]
 ) -> hd.sr.ContainerContentItem:
@@ -230,6 +367,8 @@ def build_measurement_report(
     algorithm: AlgorithmSpec,
     *,
     device: DeviceSpec,
+    components: Sequence[ComponentFinding] = (),
+    frame_numbers: Sequence[int] | None = None,
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int,
@@ -252,7 +391,16 @@ def build_measurement_report(
         :func:`dicomnode.dicom.seg.build_seg`; headers suffice). It must
         reference the source series.
     findings
-        At most one per SEG segment; empty for a negative report.
+        At most one per SEG segment (the per-label totals); empty for a negative report.
+    components
+        The findings one by one (connected components), each its own group after the
+        totals: Tracking Identifier and UID as given, volume, 3D diameter, long and
+        short axis, mean HU, its centroid as a SCOORD3D point and as a SCOORD point on
+        the nearest source image, and its region as a Referenced Segment naming the
+        SEG frames of its segment it lies in and the source images it spans.
+    frame_numbers
+        One multi-frame source: the frame number of each mask frame (as for the SEG);
+        components' frame indices index it. None: they index ``source_datasets``.
     algorithm
         The model (TID 4019 Algorithm Identification).
     device
@@ -282,7 +430,8 @@ def build_measurement_report(
         An argument is invalid: empty or mixed sources; a SEG of another study
         or not referencing the source series; a finding for a segment the SEG
         does not have, or two findings for one segment; mean intensity for a
-        non-CT series; bad identifiers.
+        non-CT series; bad identifiers; a component of an unknown segment, naming a
+        frame that does not exist, or sharing a tracking UID with another.
     """
     _check_sources(source_datasets)
     src = source_datasets[0]
@@ -314,6 +463,29 @@ def build_measurement_report(
             raise ValueError(
                 f"findings[{i}].mean_intensity is set, but the source Modality is not CT "
                 "(mean intensity is written in HU)"
+            )
+    n_frames = len(frame_numbers) if frame_numbers is not None else len(source_datasets)
+    if frame_numbers is not None and len(source_datasets) != 1:
+        raise ValueError("frame_numbers is only for one multi-frame source")
+    uids: set[str] = set()
+    for i, c in enumerate(components):
+        if not isinstance(c, ComponentFinding):
+            raise ValueError(f"components[{i}] is a {type(c).__name__}, expected ComponentFinding")
+        if c.label_number not in segment_items:
+            raise ValueError(
+                f"components[{i}].label_number is {c.label_number}, but the segmentation "
+                f"has segments {sorted(segment_items)}"
+            )
+        if max(c.frames) >= n_frames or c.centroid_frame >= n_frames:
+            raise ValueError(
+                f"components[{i}] names a frame beyond the {n_frames} source frames"
+            )
+        if c.tracking_uid in uids:
+            raise ValueError(f"components[{i}].tracking_uid is used by another component")
+        uids.add(c.tracking_uid)
+        if c.mean_intensity is not None and str(src.get("Modality", "")) != "CT":
+            raise ValueError(
+                f"components[{i}].mean_intensity is set, but the source Modality is not CT"
             )
     check_uid(series_instance_uid, "series_instance_uid")
     check_uid(sop_instance_uid, "sop_instance_uid")
@@ -379,6 +551,18 @@ def build_measurement_report(
                 finding_category=_concept(_code_of(item, "SegmentedPropertyCategoryCodeSequence")),
                 algorithm_id=algorithm_id,
                 measurements=_measurements(f),
+            )
+        )
+
+    for c in components:
+        groups.append(
+            _component_group(
+                c,
+                item=segment_items[c.label_number],
+                segmentation=segmentation,
+                source_datasets=source_datasets,
+                frame_numbers=frame_numbers,
+                algorithm_id=algorithm_id,
             )
         )
 

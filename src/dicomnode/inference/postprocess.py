@@ -19,6 +19,7 @@ __all__ = [
     "assign_labels",
     "connected_components",
     "find_components",
+    "long_and_short_axis",
     "max_diameter",
 ]
 
@@ -53,6 +54,9 @@ class Finding:
     """(z, y, x) mean voxel index."""
     bbox: tuple[int, int, int, int, int, int]
     """(z0, y0, x0, z1, y1, x1), end-exclusive voxel indices."""
+    short_axis_mm: float = 0.0
+    """Largest extent perpendicular to the long axis (``max_axial_diameter_mm``), in the
+    slice of the long axis (RECIST's short axis); 0 when the long axis is 0."""
 
 
 def activate(out: np.ndarray, outputs: OutputContract) -> np.ndarray:
@@ -201,6 +205,38 @@ def max_diameter(points: np.ndarray, exact_limit: int = 3000) -> float:
     return best**0.5
 
 
+def long_and_short_axis(points: np.ndarray) -> tuple[float, float]:
+    """In-plane (n, 2) points (mm) → (long axis, short axis).
+
+    The long axis is the largest distance between two points (exact, as
+    :func:`max_diameter`); the short axis is the extent of the points perpendicular to
+    it (the width of the thinnest band along the long axis that holds them, which is
+    the longest perpendicular chord for a convex region).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if len(pts) < 2:
+        return 0.0, 0.0
+    cand = pts
+    if len(pts) > 3000:  # as max_diameter: the extreme points along many directions
+        angles = np.linspace(0.0, np.pi, 512, endpoint=False)
+        proj = pts @ np.stack([np.cos(angles), np.sin(angles)])
+        cand = pts[np.unique(np.concatenate([proj.argmax(0), proj.argmin(0)]))]
+    best, pair = -1.0, (0, 0)
+    for start in range(0, len(cand), 256):
+        chunk = cand[start : start + 256]
+        d2 = ((chunk[:, None, :] - cand[None, :, :]) ** 2).sum(-1)
+        k = int(d2.argmax())
+        if d2.flat[k] > best:
+            best = float(d2.flat[k])
+            pair = (start + k // len(cand), k % len(cand))
+    long_axis = best**0.5
+    if long_axis == 0.0:
+        return 0.0, 0.0
+    u = (cand[pair[1]] - cand[pair[0]]) / long_axis
+    perp = pts @ np.array([-u[1], u[0]])
+    return long_axis, float(perp.max() - perp.min())
+
+
 def _boundary(sub: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Voxels of ``sub`` with a face neighbour outside it, along ``axes``."""
     padded = np.pad(sub, 1)
@@ -275,9 +311,11 @@ def find_components(
             sub = comp[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == k
             surf = np.argwhere(_boundary(sub, (0, 1, 2))) + lo
             rim = np.argwhere(_boundary(sub, (1, 2))) + lo
-            axial = 0.0
+            axial, short = 0.0, 0.0
             for z in np.unique(rim[:, 0]):
-                axial = max(axial, max_diameter(rim[rim[:, 0] == z, 1:] * sp[1:]))
+                long_z, short_z = long_and_short_axis(rim[rim[:, 0] == z, 1:] * sp[1:])
+                if long_z > axial:
+                    axial, short = long_z, short_z
             per_label.append(
                 (
                     idx.size,
@@ -286,10 +324,13 @@ def find_components(
                     tuple(int(v) for v in (*lo, *hi)),
                     max_diameter(surf * sp),
                     axial,
+                    short,
                 )
             )
         per_label.sort(key=lambda t: -t[0])
-        for i, (count, mean, centroid, bbox, diam, axial) in enumerate(per_label, start=1):
+        for i, (count, mean, centroid, bbox, diam, axial, short) in enumerate(
+            per_label, start=1
+        ):
             findings.append(
                 Finding(
                     label=number,
@@ -302,6 +343,7 @@ def find_components(
                     mean_value=mean,
                     centroid_voxel=centroid,  # type: ignore[arg-type]
                     bbox=bbox,  # type: ignore[arg-type]
+                    short_axis_mm=short,
                 )
             )
     return cleaned, tuple(findings)

@@ -25,6 +25,7 @@ from dicomnode.errors import InferenceError
 from dicomnode.pipeline.infer_image import infer_images, is_image_package
 from dicomnode.pipeline.learning import is_label
 from dicomnode.pipeline.outcome import settle
+from dicomnode.pipeline.tracking import track
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.tasks import TaskContext
@@ -191,7 +192,12 @@ def infer(
         log.warning("study %d: %s cannot run: %s", study_id, model, exc)
         settle(ctx, study_id)
         return
-    findings = [dataclasses.asdict(f) for f in out.findings]
+    findings = _jsonable([dataclasses.asdict(f) for f in out.findings])
+    affine = volume.affine
+    for f in findings:
+        z, y, x = f["centroid_voxel"]
+        f["centroid_mm"] = [round(float(v), 3) for v in (affine @ [z, y, x, 1.0])[:3]]
+    track(ctx, study, version, model, findings)
     grid_mask = out.mask if out.mask is not None else np.zeros(volume.shape, np.uint8)
     result = ctx.results.save(
         study_id=study_id,
@@ -204,7 +210,7 @@ def infer(
         # the instances as they were sent (DESIGN.md, "Volumes from real series")
         mask=volume.mask_on_frames(grid_mask),
         sop_keys=list(volume.frame_refs),
-        findings=_jsonable(findings),
+        findings=findings,
         timings={
             "assembly_s": round(t_assembly, 4),
             **{f"{k}_s": round(v, 4) for k, v in out.seconds.items()},

@@ -36,6 +36,12 @@ class VolumeSources:
     """One multi-frame source: its frame numbers in mask order; else None."""
     modality: str
     mask: np.ndarray
+    positions: np.ndarray | None = None
+    """(frames, 3) Image Position (Patient) of every mask frame."""
+    orientation: np.ndarray | None = None
+    """Image Orientation (Patient): row direction, then column direction."""
+    pixel_spacing: tuple[float, float] | None = None
+    """(between rows, between columns) in mm."""
 
 
 @dataclass
@@ -104,13 +110,19 @@ class EncodeJob:
             surrogate_frame_of_reference_uid=surrogate_frame_of_reference(
                 plan.series_instance_uid),
         )
+        geometry = {
+            "positions": np.stack([np.asarray(f.position, float) for f in plan.frames]),
+            "orientation": np.asarray(plan.orientation, float),
+            "pixel_spacing": (float(plan.frames[0].pixel_spacing[0]),
+                              float(plan.frames[0].pixel_spacing[1])),
+        }
         if all(f.frame_number is None for f in plan.frames):
             by_uid = {str(ds.SOPInstanceUID): ds for ds in sanitized}
             return VolumeSources([by_uid[f.sop_instance_uid] for f in plan.frames], None,
-                                 plan.modality, mask)
+                                 plan.modality, mask, **geometry)
         if len(sanitized) == 1:
             numbers = [int(f.frame_number or 1) for f in plan.frames]
-            return VolumeSources(sanitized, numbers, plan.modality, mask)
+            return VolumeSources(sanitized, numbers, plan.modality, mask, **geometry)
         raise InferenceError("the volume mixes multi-frame and single-frame objects")
 
     @cached_property
