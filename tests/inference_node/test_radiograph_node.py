@@ -26,7 +26,7 @@ from dicomnode.dicom.radiograph import make_chest_radiograph
 pytestmark = pytest.mark.slow
 TOKEN = "radiograph-test-token-0123456789"
 DCIODVFY = str(Path(sys.executable).with_name("dciodvfy"))
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
@@ -60,11 +60,12 @@ def _items(ds: Dataset) -> list[Dataset]:
 def _finding(sr: Dataset) -> tuple[str, float]:
     """The report's qualitative evaluation of the nodule and its probability."""
     values = [it.ConceptCodeSequence[0].CodeMeaning for it in _items(sr)
-              if it.ValueType == "CODE" and it.ConceptNameCodeSequence[0].CodeMeaning
-              == "Nodule"]
+              if it.ValueType == "CODE"  # the label's type code: (786838002, SCT) nodule
+              and it.ConceptNameCodeSequence[0].CodeValue == "786838002"]
     probs = [float(it.MeasuredValueSequence[0].NumericValue) for it in _items(sr)
              if it.ValueType == "NUM" and it.ConceptNameCodeSequence[0].CodeValue == "122157"]
-    assert len(values) == 1 and len(probs) == 1, (values, probs)
+    # the group's evaluation and the report-level summary's
+    assert len(values) == 2 and len(set(values)) == 1 and len(probs) == 1, (values, probs)
     return values[0], probs[0]
 
 
@@ -105,6 +106,9 @@ def test_radiographs_get_findings_and_explanations_on_their_original_studies(
         studies = wait_for(final, 240, 1.0)
         received = _orthanc_datasets(pacs)
         pages = {s["id"]: _get(api_port, f"/ui/studies/{s['id']}") for s in studies}
+        shown = [re.findall(rb'src="(/ui/studies/[^"]+/explain/[^"]+\.png)"', page)
+                 for page in pages.values()]
+        pngs = [_get(api_port, links[0].decode()) for links in shown if links]
     finally:
         node.stop()
         pacs.stop()
@@ -124,7 +128,8 @@ def test_radiographs_get_findings_and_explanations_on_their_original_studies(
         assert errors == [], f"dciodvfy on {kind}: {errors}"
         by_patient.setdefault(ds.PatientID, {}).setdefault(kind, []).append(ds)
 
-    assert set(by_patient) == set(films)
+    assert set(by_patient) == set(films), [(ds.PatientID, ds.SOPClassUID, ds.StudyInstanceUID)
+                                           for ds, _ in received]
     probs = {}
     for pid, ph in films.items():
         got = by_patient[pid]
@@ -159,10 +164,7 @@ def test_radiographs_get_findings_and_explanations_on_their_original_studies(
         assert key.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert key.Rows == src.Rows and key.PhotometricInterpretation == "RGB"
     # the dashboard shows the explanation over the film for the two positives only
-    shown = [(sid, re.findall(rb'src="(/ui/studies/[^"]+/explain/[^"]+\.png)"', page))
-             for sid, page in pages.items()]
-    assert sorted(len(links) for _, links in shown) == [0, 1, 1]
-    pngs = [_get(api_port, links[0].decode()) for _, links in shown if links]
+    assert sorted(len(links) for links in shown) == [0, 1, 1]
     assert all(png.startswith(b"\x89PNG") for png in pngs)
     # the same film stored MONOCHROME1 gives the same probability
     assert probs["CXR-MONO1"] == pytest.approx(probs["CXR-POS"], abs=1e-3)
