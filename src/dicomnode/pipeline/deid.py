@@ -41,8 +41,13 @@ __all__ = ["deidentify_instance", "deidentify_pending", "deidentify_study", "swe
 log = logging.getLogger(__name__)
 
 
+NOT_MINE = "not_mine"
+"""What :func:`deidentify_instance` returns for an instance no longer ``received``."""
+
+
 def deidentify_instance(ctx: TaskContext, instance_id: int) -> str:
-    """De-identify one received instance; idempotent. Returns its new state.
+    """De-identify one received instance; idempotent. Returns its new state, or
+    :data:`NOT_MINE` when it was not ``received`` (gone, or handled by another run).
 
     An instance that cannot be de-identified safely (unreadable, no Patient ID) is
     marked ``failed`` with the reason and its spool file kept for an operator; an
@@ -55,7 +60,9 @@ def deidentify_instance(ctx: TaskContext, instance_id: int) -> str:
     """
     inst = ctx.index.instance(instance_id)
     if inst is None or inst.state != "received":
-        return inst.state if inst is not None else "gone"
+        # done by the other path (the completion hook and a deadline job can hold the
+        # same pending list): not this run's work, so not counted in its audit line
+        return NOT_MINE
     spool_path = inst.path
     t0 = time.perf_counter()
     raw = ctx.files.read(spool_path)
@@ -191,6 +198,7 @@ def sweep_deid(ctx: TaskContext, now: float | None = None) -> int:
 
 def _audit_study(ctx: TaskContext, study_id: int, states: list[str]) -> None:
     """One audit line per study and run (not per instance), as ATNA aggregates."""
+    states = [s for s in states if s != NOT_MINE]
     if not states:
         return
     study = ctx.index.study(study_id)
