@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.tag import Tag
 
@@ -201,8 +203,16 @@ def load_image(
     spacing, source = _spacing(ds)
     header = Dataset()
     for elem in ds:
-        if elem.tag not in _PIXEL_TAGS:
+        if elem.tag in _PIXEL_TAGS:
+            continue
+        if elem.VR == "SQ":
             header.add(copy.deepcopy(elem))
+        else:
+            # values are immutable (str, bytes, numbers, PersonName) or a MultiValue of
+            # them, copied as a list; pydicom's deepcopy of each element cost ~30 ms a film
+            value = elem.value
+            header.add(DataElement(elem.tag, elem.VR,
+                                   list(value) if isinstance(value, MultiValue) else value))
     if hasattr(ds, "file_meta"):
         header.file_meta = copy.deepcopy(ds.file_meta)
     attrs = image_attributes(ds)
