@@ -550,13 +550,17 @@ class _Back:
 
 def _postprocess(labels: np.ndarray, outputs: Outputs,
                  spacing: tuple[float, float, float]) -> np.ndarray:
-    from dicomnode.inference.postprocess import connected_components
+    from scipy import ndimage
 
     voxel = float(np.prod(spacing))
     for op in outputs.postprocess:
         numbers = op.labels or tuple(lb.number for lb in outputs.labels)
-        for number in numbers:
-            comp, n = connected_components(labels == number)
+        structure = ndimage.generate_binary_structure(labels.ndim,
+                                                      labels.ndim if op.connectivity == "full"
+                                                      else 1)
+        groups = [numbers] if op.together else [(n,) for n in numbers]
+        for group in groups:
+            comp, n = ndimage.label(np.isin(labels, group), structure)
             if n == 0:
                 continue
             sizes = np.bincount(comp.ravel())[1:]
@@ -567,4 +571,3 @@ def _postprocess(labels: np.ndarray, outputs: Outputs,
                 small = np.flatnonzero(sizes * voxel < op.min_mm3) + 1
                 labels[np.isin(comp, small)] = 0
     return labels
-
