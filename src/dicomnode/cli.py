@@ -554,6 +554,38 @@ def models_import_nnunet(
     typer.echo(json.dumps(report.as_dict(), indent=2))
 
 
+@models_app.command("import-monai")
+def models_import_monai(
+    bundle_dir: Annotated[Path, typer.Argument(
+        help="MONAI bundle directory (configs/metadata.json, configs/inference.json|yaml, "
+             "models/).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Package directory to write.")],
+    axes: Annotated[str | None, typer.Option(
+        "--axes", help="Replace Orientationd's axis codes (e.g. LPS for Decathlon-trained "
+                       "bundles).")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="A DICOM-derived case known to be right (.npz: volume, affine, "
+                            "labels); the bundle's own inference must match it.",
+        exists=True, dir_okay=False)] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    version: Annotated[str | None, typer.Option("--version")] = None,
+    codes: CodesOpt = None,
+    generic_codes: GenericOpt = False,
+) -> None:
+    """Import a MONAI bundle as a format 2 package (offline; needs torch and monai). Refuses
+    Lambda transforms and custom code with the reason."""
+    try:
+        from dicomnode.importers.monai_bundle import import_monai
+    except ImportError as exc:
+        raise _import_extra_missing(exc) from None
+    try:
+        report = import_monai(bundle_dir, out, axes=axes, reference=reference, name=name,
+                              version=version, codes_file=codes, generic_codes=generic_codes)
+    except NodeError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
 outbox_app = typer.Typer(
     help="Result objects waiting for or done with delivery.", no_args_is_help=True
 )

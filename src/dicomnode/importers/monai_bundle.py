@@ -47,6 +47,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -469,8 +470,19 @@ def import_monai(bundle_dir: Path | str, out_dir: Path | str, *, axes: str | Non
         What cannot be mapped, or a reference case the bundle's own inference misses.
     """
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # MONAI prints; stdout is the report
-        bundle = read_bundle(bundle_dir)
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        # MONAI prints and warns about optional codecs and deprecations: stdout is the report
+        warnings.simplefilter("ignore")
+        return _import(bundle_dir, out_dir, axes=axes, reference=reference, name=name,
+                       version=version, codes_file=codes_file, generic_codes=generic_codes,
+                       min_dice=min_dice, t0=t0)
+
+
+def _import(bundle_dir: Path | str, out_dir: Path | str, *, axes: str | None,
+            reference: Path | str | None, name: str | None, version: str | None,
+            codes_file: Path | str | None, generic_codes: bool, min_dice: float,
+            t0: float) -> ImportReport:
+    bundle = read_bundle(bundle_dir)
     modality, channels = _input_meta(bundle)
     inp = _map_input(bundle, axes)
     inp["modality"] = [modality] if modality in ("CT", "MR", "PT") else ["CT", "MR", "PT"]
@@ -486,8 +498,7 @@ def import_monai(bundle_dir: Path | str, out_dir: Path | str, *, axes: str | Non
         with np.load(reference) as z:
             ref_vol, ref_aff = np.asarray(z["volume"], np.float32), np.asarray(z["affine"])
             ref_labels = np.asarray(z["labels"])
-        with contextlib.redirect_stdout(sys.stderr):
-            got = bundle_inference(bundle, ref_vol, ref_aff, axcodes)
+        got = bundle_inference(bundle, ref_vol, ref_aff, axcodes)
         dice = _dice(ref_labels, got)
         if dice < min_dice:
             best = max(((_dice(ref_labels, bundle_inference(bundle, ref_vol, ref_aff, c)), c)
@@ -518,8 +529,7 @@ def import_monai(bundle_dir: Path | str, out_dir: Path | str, *, axes: str | Non
         g_vol, g_aff = ref_vol, ref_aff
     else:
         g_vol, g_aff = _golden_volume(inp, inference["patch"], modality)
-    with contextlib.redirect_stdout(sys.stderr):
-        g_labels = bundle_inference(bundle, g_vol, g_aff, axcodes)
+    g_labels = bundle_inference(bundle, g_vol, g_aff, axcodes)
     meta = bundle.metadata
     document = {
         "name": package_name(name or str(meta.get("name", Path(bundle_dir).name))),
