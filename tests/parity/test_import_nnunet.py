@@ -163,3 +163,35 @@ def test_axes_are_required(tmp_path: Path) -> None:
     folder = nm.write_model_folder(tmp_path / "results", nm.plans(**PLAN), folds=1)
     with pytest.raises(ImportRefused, match="does not reorient"):
         import_nnunet(folder, tmp_path / "pkg", generic_codes=True)
+
+
+def test_region_based_model(tmp_path: Path) -> None:
+    # BraTS-style regions: one sigmoid per region, painted in regions_class_order
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plan = nm.plans(**PLAN)
+    folder = nm.write_model_folder(tmp_path / "results", plan, folds=1, mirroring=(0, 1, 2))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "numTraining": 4, "file_ending": ".nii.gz",
+        "labels": {"background": 0, "whole": [1, 2], "core": [2]},
+        "regions_class_order": [1, 2]}))
+    arch = plan["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(3)
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                 arch["_kw_requires_import"], 1, 2, deep_supervision=False)
+    with torch.no_grad():
+        net.decoder.seg_layers[-1].bias.copy_(torch.tensor([0.3, -0.2]))  # both regions occur
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(path, weights_only=False)
+    ck["network_weights"] = net.state_dict()
+    torch.save(ck, path)
+
+    report = import_nnunet(folder, tmp_path / "pkg", axes="SPL", generic_codes=True)
+    pkg = read_model_package(report.package)
+    assert pkg.outputs.activation == "sigmoid"
+    assert [(r.channel, r.label) for r in pkg.outputs.regions] == [(0, 1), (1, 2)]
+    volume, spacing = phantom((20, 40, 36), 12), (2.5, 1.2, 1.2)
+    expected = _oracle(folder, volume, spacing, (0,))
+    got = SlidingWindowModel.load(pkg).run(volume, axial_affine(spacing)).labels
+    assert set(np.unique(expected).tolist()) >= {1, 2}, "both regions must occur"
+    assert float((got == expected).mean()) >= 0.999

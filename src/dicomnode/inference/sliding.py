@@ -149,7 +149,9 @@ def _decide(values: np.ndarray, outputs: Outputs, activated: bool) -> np.ndarray
     out = np.zeros(values.shape[1:], dtype)
     if outputs.regions:
         for region in outputs.regions:  # painted in order: later wins
-            out[probs[region.channel] >= 0.5] = region.label
+            # strictly above 0.5, as nnU-Net paints regions (label_handling.py): a logit of
+            # exactly 0 (e.g. outside its crop) stays background
+            out[probs[region.channel] > 0.5] = region.label
         return out
     thr = np.array([lb.threshold for lb in outputs.labels], np.float32)
     thr = thr.reshape((-1,) + (1,) * (values.ndim - 1))
