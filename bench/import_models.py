@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 PLANS = {"small": {"patch": (16, 32, 32), "spacing": (2.0, 1.5, 1.5)},
          "medium": {"patch": (32, 64, 64), "spacing": (2.0, 1.5, 1.5),
                     "features": (16, 32, 64)}}
-SHAPE, SPACING = (40, 128, 128), (2.5, 1.2, 1.2)
+SHAPE, SPACING = (24, 96, 96), (2.5, 1.2, 1.2)
 
 
 def _peak_mb() -> float:
