@@ -228,6 +228,9 @@ def _map_input(bundle: Bundle, axes: str | None) -> dict[str, Any]:
                                     "is not mapped")
             axcodes = str(o.axcodes).upper()
         elif name == "Spacingd":
+            if axcodes is None and any(n == "Orientationd" for n, _ in bundle.pre):
+                raise ImportRefused("Spacingd before Orientationd: its pixdim follows the "
+                                    "reader's axes, not the network's; not mapped")
             s = t.spacing_transform
             if s.diagonal or s.scale_extent or bool(_one(t.align_corners)) or \
                     bool(_one(t.scale_extent)):
