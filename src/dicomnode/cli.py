@@ -502,6 +502,12 @@ def models_activate(
     typer.echo(f"{m.name} {m.version} is active")
 
 
+def _whoami() -> str:
+    import getpass
+
+    return f"operator:{getpass.getuser()}"
+
+
 def _import_extra_missing(exc: ImportError) -> typer.Exit:
     return _fail(f"importers need the import extra (pip install 'dicomnode[import]'): {exc}", 1)
 
@@ -584,6 +590,43 @@ def models_import_monai(
     except NodeError as exc:
         raise _fail(str(exc), 1) from None
     typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@models_app.command("export-labels")
+def models_export_labels(
+    out: Annotated[Path, typer.Option("--out", help="nnU-Net raw folder (nnUNet_raw).")],
+    dataset_id: Annotated[int, typer.Option("--dataset-id", help="nnU-Net dataset id.")],
+    name: Annotated[str, typer.Option("--name", help="Dataset name.")] = "NodeLabels",
+    folds: Annotated[int, typer.Option("--folds", help="Folds, by patient.")] = 5,
+    channel: Annotated[str, typer.Option("--channel", help="nnU-Net channel name.")] = "CT",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Export the node's consensus labels as an nnU-Net raw dataset (splits_final.json by
+    patient) and a MONAI datalist (needs the import extra)."""
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)  # the audit trail records that labelled data left the node
+    try:
+        from dicomnode.importers.datasets import node_labelled_volumes, write_nnunet_raw
+    except ImportError as exc:
+        raise _import_extra_missing(exc) from None
+    from dicomnode.app import create_node
+
+    try:
+        node = create_node(settings, scp=False)
+        labels, volumes = node_labelled_volumes(node.ctx)
+        folder = write_nnunet_raw(volumes, out, dataset_id=dataset_id, name=name,
+                                  labels=labels, channel=channel, folds=folds,
+                                  seed=settings.learning.split_seed)
+        node.engine.dispose()
+    except NodeError as exc:
+        raise _fail(str(exc), 1) from None
+    from dicomnode.audit import audit
+
+    audit("operator_action", user=_whoami(), action="labels exported (nnU-Net raw dataset)",
+          dataset=folder.name, cases=len(list(
+        (folder / "labelsTr").glob("*.nii.gz"))))
+    typer.echo(str(folder))
 
 
 outbox_app = typer.Typer(

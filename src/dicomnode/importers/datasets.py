@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dicomnode.errors import ImportRefused
 
-__all__ = ["LabelledVolume", "patient_folds", "write_nnunet_raw"]
+__all__ = ["LabelledVolume", "node_labelled_volumes", "patient_folds", "write_nnunet_raw"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -46,11 +47,14 @@ class LabelledVolume:
 
 
 def patient_folds(patients: Iterable[str], k: int = 5, seed: int = 0) -> dict[str, int]:
-    """Fold 0..k-1 per patient, from the keyed hash the node's splits use
-    (:func:`dicomnode.training.dataset.split_unit`): stable, independent of other patients."""
+    """Fold 0..k-1 per patient: patients ordered by the keyed hash the node's splits use
+    (:func:`dicomnode.training.dataset.split_unit`), then dealt round-robin, so that every
+    fold has a patient once there are k (a hash interval alone leaves folds empty on small
+    data). Deterministic for a set of patients; a new patient may move others."""
     from dicomnode.training.dataset import split_unit
 
-    return {p: min(k - 1, int(split_unit(p, seed) * k)) for p in set(patients)}
+    ordered = sorted(set(patients), key=lambda p: (split_unit(p, seed), p))
+    return {p: i % k for i, p in enumerate(ordered)}
 
 
 def _save(array: np.ndarray, lps_affine: np.ndarray, path: Path, dtype: type) -> None:
@@ -111,3 +115,34 @@ def write_nnunet_raw(cases: Iterable[LabelledVolume], root: Path | str, *, datas
          "fold": fold_of[v["patient"]]} for c, v in index.items()]}, indent=2))
     (folder / "dicomnode_cases.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def node_labelled_volumes(ctx: Any) -> tuple[dict[str, int], Iterator[LabelledVolume]]:
+    """The node's labelled studies (the learning loop's consensus of annotator SEGs, as
+    :class:`~dicomnode.pipeline.learning.NodeLabelSource` gives them to retraining) with
+    their series geometry; and the label names → numbers of the learning model.
+
+    ``ctx`` is the node's task context (:func:`dicomnode.app.create_node`).
+    """
+    from dicomnode.modelpkg import read_model_package
+    from dicomnode.pipeline.learning import NodeLabelSource, _series_volume
+
+    model = ctx.settings.learning.model
+    active = ctx.registry.active(model)
+    if active is None:
+        raise ImportRefused(f"no active version of the learning model {model!r}: its labels "
+                            "name the mask values")
+    labels = {"background": 0}
+    labels.update({lb.name: lb.number for lb in read_model_package(active.path).labels})
+    source = NodeLabelSource(ctx)
+
+    def volumes() -> Iterator[LabelledVolume]:
+        for study in source.studies():
+            case = source.load(study)
+            study_id = ctx.index.study_id_of(study.study_key)
+            truths = ctx.labels.for_study(study_id)
+            geometry = _series_volume(ctx, study_id, truths[0].series_key)
+            yield LabelledVolume(case.volume, case.mask, np.asarray(geometry.affine),
+                                 study.study_key, study.patient_pseudonym)
+
+    return labels, volumes()
