@@ -52,6 +52,11 @@ def test_bundle_import_matches_monai_bundle_run(tmp_path: Path) -> None:
     assert pkg.outputs.resample_back == "probabilities"  # Invertd after the softmax
     assert pkg.outputs.postprocess[0].labels == (1,)
     assert [lb.type.value for lb in pkg.labels] == ["78961009", "108369006"]  # default codes
+    # the node's registry takes it: its golden case runs again when it is activated
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert CliRunner().invoke(app, ["db", "upgrade", *data]).exit_code == 0
+    added = CliRunner().invoke(app, ["models", "add", str(out), "--activate", *data])
+    assert added.exit_code == 0 and "(active)" in added.stdout, added.output
 
     cases = [(phantom((20, 50, 44), 3), axial_affine((2.5, 0.9, 0.8))),
              (phantom((9, 56, 48), 4), axial_affine((5.0, 0.8, 0.7)))]
