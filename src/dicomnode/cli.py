@@ -502,6 +502,133 @@ def models_activate(
     typer.echo(f"{m.name} {m.version} is active")
 
 
+def _whoami() -> str:
+    import getpass
+
+    return f"operator:{getpass.getuser()}"
+
+
+def _import_extra_missing(exc: ImportError) -> typer.Exit:
+    return _fail(f"importers need the import extra (pip install 'dicomnode[import]'): {exc}", 1)
+
+
+CodesOpt = Annotated[Path | None, typer.Option(
+    "--codes", help="Label name -> SNOMED CT codes and colours (JSON or TOML).")]
+GenericOpt = Annotated[bool, typer.Option(
+    "--generic-codes", help="Code labels without a code as 'Anatomical Structure'.")]
+
+
+@models_app.command("import-nnunet")
+def models_import_nnunet(
+    results_dir: Annotated[Path, typer.Argument(
+        help="nnU-Net v2 model folder (<Trainer>__<Plans>__<configuration>) or its dataset "
+             "folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Package directory to write.")],
+    configuration: Annotated[str, typer.Option("--configuration")] = "3d_fullres",
+    folds: Annotated[str | None, typer.Option(
+        "--folds", help="Comma-separated fold numbers, or 'all' (fold_all); default: every "
+                        "fold with the checkpoint.")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="final or best.")] = "final",
+    axes: Annotated[str | None, typer.Option(
+        "--axes", help="Training images' axis codes in nnU-Net's array order: SPL "
+                       "(SimpleITK from DICOM), SAL (dcm2niix), SAR (RAS-resampled).")] = None,
+    training_image: Annotated[Path | None, typer.Option(
+        "--training-image", help="Read the axis codes from one training image's header.",
+        exists=True, dir_okay=False)] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+    codes: CodesOpt = None,
+    generic_codes: GenericOpt = False,
+    batch: Annotated[int, typer.Option("--batch", help="Patches per network run.")] = 2,
+) -> None:
+    """Import an nnU-Net v2 results folder as a format 2 package (offline; needs torch and
+    nnunetv2). Refuses, with the reason, what the package cannot express."""
+    fold_list = None
+    if folds:
+        fold_list = ["all" if f.strip() == "all" else int(f) for f in folds.split(",")]
+    try:
+        from dicomnode.importers.nnunet import import_nnunet
+    except ImportError as exc:
+        raise _import_extra_missing(exc) from None
+    try:
+        report = import_nnunet(results_dir, out, configuration=configuration, folds=fold_list,
+                               checkpoint=checkpoint, axes=axes, training_image=training_image,
+                               name=name, version=version, codes_file=codes,
+                               generic_codes=generic_codes, batch=batch)
+    except NodeError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@models_app.command("import-monai")
+def models_import_monai(
+    bundle_dir: Annotated[Path, typer.Argument(
+        help="MONAI bundle directory (configs/metadata.json, configs/inference.json|yaml, "
+             "models/).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Package directory to write.")],
+    axes: Annotated[str | None, typer.Option(
+        "--axes", help="Replace Orientationd's axis codes (e.g. LPS for Decathlon-trained "
+                       "bundles).")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="A DICOM-derived case known to be right (.npz: volume, affine, "
+                            "labels); the bundle's own inference must match it.",
+        exists=True, dir_okay=False)] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    version: Annotated[str | None, typer.Option("--version")] = None,
+    codes: CodesOpt = None,
+    generic_codes: GenericOpt = False,
+) -> None:
+    """Import a MONAI bundle as a format 2 package (offline; needs torch and monai). Refuses
+    Lambda transforms and custom code with the reason."""
+    try:
+        from dicomnode.importers.monai_bundle import import_monai
+    except ImportError as exc:
+        raise _import_extra_missing(exc) from None
+    try:
+        report = import_monai(bundle_dir, out, axes=axes, reference=reference, name=name,
+                              version=version, codes_file=codes, generic_codes=generic_codes)
+    except NodeError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@models_app.command("export-labels")
+def models_export_labels(
+    out: Annotated[Path, typer.Option("--out", help="nnU-Net raw folder (nnUNet_raw).")],
+    dataset_id: Annotated[int, typer.Option("--dataset-id", help="nnU-Net dataset id.")],
+    name: Annotated[str, typer.Option("--name", help="Dataset name.")] = "NodeLabels",
+    folds: Annotated[int, typer.Option("--folds", help="Folds, by patient.")] = 5,
+    channel: Annotated[str, typer.Option("--channel", help="nnU-Net channel name.")] = "CT",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Export the node's consensus labels as an nnU-Net raw dataset (splits_final.json by
+    patient) and a MONAI datalist (needs the import extra)."""
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)  # the audit trail records that labelled data left the node
+    try:
+        from dicomnode.importers.datasets import node_labelled_volumes, write_nnunet_raw
+    except ImportError as exc:
+        raise _import_extra_missing(exc) from None
+    from dicomnode.app import create_node
+
+    try:
+        node = create_node(settings, scp=False)
+        labels, volumes = node_labelled_volumes(node.ctx)
+        folder = write_nnunet_raw(volumes, out, dataset_id=dataset_id, name=name,
+                                  labels=labels, channel=channel, folds=folds,
+                                  seed=settings.learning.split_seed)
+        node.engine.dispose()
+    except NodeError as exc:
+        raise _fail(str(exc), 1) from None
+    from dicomnode.audit import audit
+
+    audit("operator_action", user=_whoami(), action="labels exported (nnU-Net raw dataset)",
+          dataset=folder.name, cases=len(list(
+        (folder / "labelsTr").glob("*.nii.gz"))))
+    typer.echo(str(folder))
+
+
 outbox_app = typer.Typer(
     help="Result objects waiting for or done with delivery.", no_args_is_help=True
 )

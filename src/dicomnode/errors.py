@@ -74,6 +74,11 @@ class ModelLoadError(ModelError):
     """A model package's metadata disagrees with its ONNX graph or checksum."""
 
 
+class ImportRefused(ModelError):
+    """A model from another ecosystem (nnU-Net results, MONAI bundle) cannot be imported
+    as it is; the message names what cannot be mapped and why."""
+
+
 class InferenceError(NodeError):
     """A study cannot be turned into model input; the reason is stored on the study."""
 

@@ -149,7 +149,9 @@ def _decide(values: np.ndarray, outputs: Outputs, activated: bool) -> np.ndarray
     out = np.zeros(values.shape[1:], dtype)
     if outputs.regions:
         for region in outputs.regions:  # painted in order: later wins
-            out[probs[region.channel] >= 0.5] = region.label
+            # strictly above 0.5, as nnU-Net paints regions (label_handling.py): a logit of
+            # exactly 0 (e.g. outside its crop) stays background
+            out[probs[region.channel] > 0.5] = region.label
         return out
     thr = np.array([lb.threshold for lb in outputs.labels], np.float32)
     thr = thr.reshape((-1,) + (1,) * (values.ndim - 1))
@@ -550,13 +552,17 @@ class _Back:
 
 def _postprocess(labels: np.ndarray, outputs: Outputs,
                  spacing: tuple[float, float, float]) -> np.ndarray:
-    from dicomnode.inference.postprocess import connected_components
+    from scipy import ndimage
 
     voxel = float(np.prod(spacing))
     for op in outputs.postprocess:
         numbers = op.labels or tuple(lb.number for lb in outputs.labels)
-        for number in numbers:
-            comp, n = connected_components(labels == number)
+        structure = ndimage.generate_binary_structure(labels.ndim,
+                                                      labels.ndim if op.connectivity == "full"
+                                                      else 1)
+        groups = [numbers] if op.together else [(n,) for n in numbers]
+        for group in groups:
+            comp, n = ndimage.label(np.isin(labels, group), structure)
             if n == 0:
                 continue
             sizes = np.bincount(comp.ravel())[1:]
@@ -567,4 +573,3 @@ def _postprocess(labels: np.ndarray, outputs: Outputs,
                 small = np.flatnonzero(sizes * voxel < op.min_mm3) + 1
                 labels[np.isin(comp, small)] = 0
     return labels
-

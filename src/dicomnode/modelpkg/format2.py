@@ -250,6 +250,13 @@ class PostOp:
     labels: tuple[int, ...] = ()
     """Labels it applies to; () = every label."""
     min_mm3: float = 0.0
+    connectivity: Literal["face", "full"] = "face"
+    """Which neighbours touch: ``face`` (6 in 3D) or ``full`` (26 in 3D; nnU-Net's and
+    MONAI's ``KeepLargestConnectedComponent`` default)."""
+    together: bool = False
+    """Treat ``labels`` as one foreground (nnU-Net's ``labels_or_regions`` list: one
+    largest component of their union) instead of each label on its own (MONAI's
+    ``independent=True``)."""
 
 
 @dataclass(frozen=True)
@@ -613,6 +620,8 @@ def _parse_outputs(f: _Fields, task: str) -> Outputs:
             op=of.choice("op", ("keep_largest_component", "remove_small_components")),  # type: ignore[arg-type]
             labels=_ints(of, "labels", []),
             min_mm3=float(_num(of, "min_mm3", 0.0) or 0.0),
+            connectivity=of.choice("connectivity", ("face", "full"), "face"),  # type: ignore[arg-type]
+            together=bool(of.get("together", bool, False)),
         )
         of.done()
         ops.append(op)
