@@ -4,8 +4,12 @@ package's input rules (view, presentation intent)."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
+from pydicom import dcmread
 from scipy import ndimage
 
 from dicomnode.dicom.radiograph import make_chest_radiograph
@@ -111,3 +115,30 @@ def test_a_graph_map_output_is_used_as_the_explanation(tmp_path) -> None:
     # the graph's map is the image's local mean: brightest on the dense spine/body
     centre = ndimage.center_of_mass(smap > np.percentile(smap, 99))
     assert 0 < centre[0] < smap.shape[0] and 0 < centre[1] < smap.shape[1]
+
+
+REAL_DX = (Path(__file__).resolve().parents[1] / "data" / "realworld"
+           / "ImagingDataCommons+highdicom" / "data" / "test_files" / "dx_image.dcm")
+
+
+def test_a_real_chest_film(model: ImageModel) -> None:
+    """A vendor DX (Fujifilm, via highdicom's test data): MONOCHROME1, 8 bits, 169 x 211,
+    no View Position. The package declares PA/AP, so it is refused with that reason; told
+    the view, it runs, and the same film rewritten MONOCHROME2 gives the same probability
+    (the inversion on a real header, not only on our phantoms)."""
+    ds = dcmread(REAL_DX)
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and "ViewPosition" not in ds
+    with pytest.raises(InferenceError, match="View Position"):
+        model.classify(ds)
+    ds.ViewPosition = "PA"
+    p1 = model.classify(ds).probabilities[1]
+    assert 0.0 <= p1 <= 1.0
+    m2 = copy.deepcopy(ds)
+    stored = m2.pixel_array
+    m2.PixelData = ((1 << int(ds.BitsStored)) - 1 - stored).astype(stored.dtype).tobytes()
+    m2.PhotometricInterpretation = "MONOCHROME2"
+    m2.PresentationLUTShape = "IDENTITY"
+    p2 = model.classify(m2).probabilities[1]
+    assert abs(p1 - p2) <= 1e-3, (p1, p2)
+    smap, info = model.explain(ds, 1)
+    assert smap.shape == (ds.Rows, ds.Columns) and np.isfinite(smap).all()
