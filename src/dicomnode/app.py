@@ -209,19 +209,33 @@ class Node:
     def _reconcile_spool(self, ingestor: Ingestor) -> int:
         # A spool file without an index row was fsynced but its row never committed
         # (crash, or a power cut losing SQLite's last NORMAL-mode transactions): index it.
+        # The files drive the lookups (a batch at a time, by index): an empty spool costs
+        # no query at all, a full one costs its own size, never the archive's.
         spool = self.files.root / "spool"
         if not spool.is_dir():
             return 0
-        known = self.index.stored_paths()
         n = 0
+        batch: list[str] = []
+
+        def flush() -> int:
+            known = self.index.indexed_spool_paths(batch)
+            done = 0
+            for rel in batch:
+                if rel in known:
+                    continue
+                try:
+                    done += ingestor.reindex(rel)
+                except NodeError as exc:
+                    log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
+            batch.clear()
+            return done
+
         for p in spool.rglob("*.dcm"):
-            rel = p.relative_to(self.files.root).as_posix()
-            if rel in known:
-                continue
-            try:
-                n += ingestor.reindex(rel)
-            except NodeError as exc:
-                log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
+            batch.append(p.relative_to(self.files.root).as_posix())
+            if len(batch) >= 500:
+                n += flush()
+        if batch:
+            n += flush()
         return n
 
     def _enqueue_completion(self, session: Session | None, study_id: int, version: int) -> None:

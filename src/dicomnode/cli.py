@@ -222,16 +222,46 @@ studies_app = typer.Typer(
 app.add_typer(studies_app, name="studies")
 
 
+def _since(value: str) -> float:
+    """Epoch seconds of ``--since``: an age (``90m``, ``24h``, ``7d``, ``3600s``) before
+    now, or an ISO 8601 date/time (UTC when it carries no offset)."""
+    import datetime as dt
+    import time as _time
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    v = value.strip()
+    if v[:-1].isdigit() and v[-1:].lower() in units:
+        return _time.time() - int(v[:-1]) * units[v[-1].lower()]
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither an age (24h, 7d) nor an ISO date/time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
 @studies_app.callback()
 def studies(
     ctx: typer.Context,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    limit: Annotated[int, typer.Option(
+        "--limit", min=0, help="At most this many studies, newest first (0: all).")] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many first.")] = 0,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Only studies received since: an ISO date/time (UTC unless it says)"
+        " or an age such as 90m, 24h, 7d.")] = None,
 ) -> None:
-    """List indexed studies with series / instance counts, state and outcome."""
+    """List indexed studies with series / instance counts, state and outcome, a page at a
+    time like ``/api/studies`` (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
+    try:
+        since_ts = _since(since) if since else None
+    except ValueError as exc:
+        raise _fail(f"--since: {exc}", 2) from None
     settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
     from dicomnode.app import open_database
     from dicomnode.storage.index import StudyIndex
@@ -240,7 +270,7 @@ def studies(
         engine, sessions = open_database(settings, upgrade=False)
     except NodeError as exc:
         raise _fail(str(exc), 1) from None
-    rows = StudyIndex(sessions).studies()
+    rows = StudyIndex(sessions).studies(limit=limit or None, offset=offset, since=since_ts)
     engine.dispose()
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
