@@ -53,6 +53,7 @@ from dicomnode.scp.server import StorageServer
 from dicomnode.scp.slots import AssociationSlots
 from dicomnode.scp.transport import Listener
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
+from dicomnode.storage.diskguard import DiskGuard
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.keys import load_secret, vault_key
@@ -89,12 +90,9 @@ def model_registry(settings: NodeSettings, sessions: sessionmaker[Session]) -> M
                                                     settings.inference.memory_budget_mb))
 
 
-def ingest_gate() -> float | None:
-    """Admission check of HTTP ingest (STOW-RS): seconds to wait, or None to go ahead.
-
-    TODO(issue 18): the disk watermark of ``storage.diskguard``.
-    """
-    return None
+def disk_guard(settings: NodeSettings) -> DiskGuard:
+    """The disk watermark of this process over the data directory (``[storage]``)."""
+    return DiskGuard(settings.data_dir.resolve(), settings.storage, who=settings.ae_title)
 
 
 def open_database(settings: NodeSettings, *, upgrade: bool) -> tuple[Engine, sessionmaker[Session]]:
@@ -140,9 +138,14 @@ class Node:
     ingestor: Ingestor | None = None
     scheduler: Any = None
     api: Any = None
+    disk: DiskGuard = field(init=False)
+    """The disk watermark: STOW-RS and the completion loop's periodic look."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     started: bool = False
+
+    def __post_init__(self) -> None:
+        self.disk = disk_guard(self.settings)
 
     def add_completion_hook(self, hook: CompletionHook) -> None:
         """Run ``hook(ctx, study_id, version)`` when a study version settles."""
@@ -177,8 +180,9 @@ class Node:
             # Before the SCP: a port clash stops the node before it takes associations.
             from dicomnode.api import ApiServer, ApiServices, create_api  # only when serving
 
+            # STOW-RS refuses at the same watermark as the SCP (503 with Retry-After).
             services = ApiServices.from_context(self.ctx, self.sessions, self.ingestor,
-                                                ingest_gate)
+                                                self.disk.retry_after)
             app = create_api(services, self.settings.api)
             self.api = ApiServer(app, self.settings.api.host, self.settings.api.port)
             self.api.start()
@@ -284,6 +288,8 @@ class Node:
                 if now - last_expiry > 10:
                     last_expiry = now
                     self.expire_spool()
+                    # the warning and dicomnode_disk_state fire without any traffic
+                    self.disk.reading()
             except Exception:
                 log.exception("completion check or de-identification sweep failed; retrying")
 
@@ -555,6 +561,7 @@ def _storage_server(settings: NodeSettings, ingestor: Ingestor, outbox: Outbox |
         ingestor,
         on_commitment=outbox.commitment_report if outbox is not None else None,
         slots=slots,
+        disk=disk_guard(settings),
     )
 
 

@@ -350,6 +350,20 @@ class StorageSettings(_Section):
     """fsync every received object (and its directory) before answering success."""
     spare_files: int = Field(4, ge=0, le=64)
     """Empty temporary files kept ready so that a write need not create one (0: off)."""
+    min_free_gb: float = Field(1.0, ge=0)
+    """Below this much free space on the data directory's filesystem new associations are
+    rejected (transient A-ASSOCIATE-RJ) and STOW-RS answers 503 with Retry-After, so
+    senders keep the data and retry; it resumes by itself (0: off)."""
+    max_used_percent: float | None = Field(None, gt=0, le=100)
+    """Also refuse when the filesystem is fuller than this percentage (None: off)."""
+    warn_free_gb: float | None = Field(None, ge=0)
+    """A warning (log, audit, ``dicomnode_disk_state`` 1) below this; None: twice
+    ``min_free_gb``."""
+    disk_check_interval_s: float = Field(1.0, ge=0, le=60)
+    """How long one free-space reading is reused (statvfs per association is cheap, but
+    a burst of associations need not repeat it)."""
+    disk_retry_after_s: int = Field(60, ge=1, le=3600)
+    """Retry-After of the STOW-RS 503 while refusing."""
 
 
 class PrivateKeepRule(_Section):
