@@ -52,6 +52,7 @@ from dicomnode.scp.pool import ReceiverPool
 from dicomnode.scp.server import StorageServer
 from dicomnode.scp.slots import AssociationSlots
 from dicomnode.scp.transport import Listener
+from dicomnode.storage import retention
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
 from dicomnode.storage.diskguard import DiskGuard
 from dicomnode.storage.index import StudyIndex
@@ -61,6 +62,7 @@ from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
 from dicomnode.storage.registry import ModelRegistry
 from dicomnode.storage.results import ResultStore
+from dicomnode.storage.retention import RetentionReport
 from dicomnode.storage.spool import FileStore
 from dicomnode.storage.vault import Vault
 
@@ -172,6 +174,10 @@ class Node:
         t = threading.Thread(target=self._completion_loop, name="completion", daemon=True)
         t.start()
         self._threads.append(t)
+        if self.settings.retention.enabled:
+            t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+            t.start()
+            self._threads.append(t)
         if self.settings.learning.enabled and isinstance(self.queue, LocalQueue):
             # embedded: APScheduler in this process; scale-out: procrastinate's periodic
             # task, registered in create_node, fires once per tick across the cluster
@@ -271,6 +277,24 @@ class Node:
         if n:
             audit("spool_expired", user=self.settings.ae_title, count=n)
         return n
+
+    def retention_sweep(self) -> RetentionReport:
+        """Remove what ``[retention]`` says has expired (storage/retention.py)."""
+        return retention.sweep(
+            self.engine, self.sessions, self.files, self.settings.retention,
+            who=self.settings.ae_title,
+            audit_path=self.settings.audit_file or self.settings.data_dir.resolve() / "audit.jsonl")
+
+    def _retention_loop(self) -> None:
+        # Its own thread: a sweep of many batches never delays study completion. The
+        # first one a minute after start (not in the start-up path), then every interval.
+        wait = min(60.0, self.settings.retention.interval_s)
+        while not self._stop.wait(wait):
+            wait = self.settings.retention.interval_s
+            try:
+                self.retention_sweep()
+            except Exception:
+                log.exception("retention sweep failed; next try in %.0f s", wait)
 
     def _completion_loop(self) -> None:
         check_s = self.settings.completion.check_interval_s

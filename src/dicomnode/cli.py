@@ -312,6 +312,82 @@ quarantine_app = typer.Typer(
 )
 app.add_typer(vault_app, name="vault")
 app.add_typer(quarantine_app, name="quarantine")
+patients_app = typer.Typer(
+    help="One patient's data, found through the vault (operator requests).",
+    no_args_is_help=True,
+)
+retention_app = typer.Typer(help="Removal of what [retention] says has expired.",
+                            no_args_is_help=True)
+app.add_typer(patients_app, name="patients")
+app.add_typer(retention_app, name="retention")
+
+
+@patients_app.command("delete")
+def patients_delete(
+    patient_id: Annotated[str, typer.Option("--patient-id", help="The original Patient ID.")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID, if the sender sets one.")]
+    = "",
+    operator: Annotated[str, typer.Option(help="Who is asking (recorded).")] = "",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also studies still in use (pending delivery, running job).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Delete every study of one patient: archive, results, labels, index rows and vault
+    entries. The Patient ID is turned into its pseudonym with the node's key (the index
+    and the vault hold only that); the deletion is audited (``patient_deleted``)."""
+    import getpass
+
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)
+    from dicomnode.dicom.pseudonym import Pseudonymizer
+    from dicomnode.storage.keys import load_secret
+    from dicomnode.storage.retention import delete_patient
+    from dicomnode.storage.spool import FileStore
+
+    d = settings.deid
+    try:
+        pseudo = Pseudonymizer(load_secret(d, settings.data_dir.resolve()),
+                               min_shift_days=d.min_shift_days,
+                               max_shift_days=d.max_shift_days, prefix=d.patient_id_prefix)
+    except (ConfigError, NodeError) as exc:
+        raise _fail(str(exc), 1) from None
+    pid = pseudo.patient_id(Pseudonymizer.patient_key(patient_id, issuer))
+    if not yes:
+        typer.confirm(f"delete every study of patient {pid} (pseudonym)?", abort=True)
+    engine, sessions = _open_node_storage(settings)
+    files = FileStore(settings.data_dir.resolve(), fsync=settings.storage.fsync, spares=0)
+    who = f"operator:{operator or getpass.getuser()}"
+    try:
+        report, kept = delete_patient(sessions, files, pid, who=who, force=force)
+    finally:
+        files.close()
+        engine.dispose()
+    typer.echo(f"patient {pid}: {report.studies} studies ({report.instances} instances, "
+               f"{report.files} files) deleted"
+               + (f"; {len(kept)} still in use kept (--force deletes them)" if kept else ""))
+    if not report.studies and not kept:
+        raise _fail(f"no study of patient {pid}", 1)
+
+
+@retention_app.command("sweep")
+def retention_sweep(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Run one retention sweep now (the node runs one daily) and print what it removed."""
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)
+    from dicomnode.storage.retention import sweep
+    from dicomnode.storage.spool import FileStore
+
+    engine, sessions = _open_node_storage(settings)
+    files = FileStore(settings.data_dir.resolve(), fsync=settings.storage.fsync, spares=0)
+    try:
+        r = sweep(engine, sessions, files, settings.retention, who=settings.ae_title,
+                  audit_path=settings.audit_file or settings.data_dir.resolve() / "audit.jsonl")
+    finally:
+        files.close()
+        engine.dispose()
+    typer.echo(json.dumps({k: v for k, v in r.__dict__.items() if k != "removed_study_keys"}))
 
 
 def _open_node_storage(settings: NodeSettings):  # type: ignore[no-untyped-def]

@@ -43,6 +43,7 @@ __all__ = [
     "HttpCredentials",
     "PriorityRule",
     "ResultKind",
+    "RetentionSettings",
     "CompletionSettings",
     "DeidSettings",
     "InferenceSettings",
@@ -636,6 +637,39 @@ class ApiSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """How long what grows is kept (``[retention]``); a daily sweep removes the rest.
+
+    Ages are in days (fractions allowed); 0 keeps forever. Whatever the ages, the sweep
+    never removes what is still needed: a study with a delivery pending, a job waiting
+    or running for it, an outcome still being processed, or labels (a labelled study is
+    in the training set while ``keep_labelled``); its vault entries go with it, never
+    before. Each removal is audited (``retention_removed``).
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(86400.0, ge=1.0)
+    """How often the sweep runs (daily); also once shortly after start."""
+    batch: int = Field(200, ge=1, le=10000)
+    """Rows (or studies) removed per transaction: writers wait at most one batch."""
+    studies_days: float = Field(365.0, ge=0)
+    """Whole studies after their last receipt: de-identified archive copies, result
+    objects and masks, outbox rows, index rows and vault entries (identity and UIDs)."""
+    jobs_days: float = Field(14.0, ge=0)
+    """Done jobs and their dedup keys (failed jobs stay for the operator)."""
+    outbox_days: float = Field(90.0, ge=0)
+    """Delivered outbox rows (sent, confirmed, dropped) and their object files."""
+    labels_days: float = Field(0.0, ge=0)
+    """Ground-truth labels (and so the study's place in the training set); 0: kept."""
+    keep_labelled: bool = True
+    """Never remove a study that has labels (it is in the training set)."""
+    audit_days: float = Field(0.0, ge=0)
+    """Rotated audit files (``audit.jsonl.*``, by logrotate) older than this; 0: kept.
+    The live file is never rewritten (its handler keeps appending)."""
+    vacuum_free_fraction: float = Field(0.25, gt=0, le=1)
+    """SQLite: VACUUM after a sweep when this fraction of the file is free pages."""
+
+
 class JobSettings(_Section):
     """The job queue that runs everything after the C-STORE handler."""
 
@@ -679,6 +713,7 @@ class NodeSettings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     storage: StorageSettings = StorageSettings()
     jobs: JobSettings = JobSettings()
+    retention: RetentionSettings = RetentionSettings()
     deid: DeidSettings = DeidSettings()
     inference: InferenceSettings = InferenceSettings()
     routing: RoutingSettings = RoutingSettings()

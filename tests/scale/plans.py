@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import Engine, event
 
 BIG = ("instance", "study", "series", "job", "outbox", "inference_result", "vault_identity",
-       "vault_uid", "ground_truth")
-"""Tables that grow with the studies received."""
+       "vault_uid")
+"""Tables that grow with the studies received (labels grow with annotators' work: few)."""
 
 PARTIAL = ("ix_instance_deid_due", "ix_instance_spool", "ix_study_unhooked")
 """Partial indexes: a scan of one reads only the rows of its condition (few)."""

@@ -23,10 +23,11 @@ from sqlalchemy import Engine, func, select
 from dicomnode.api import queries
 from dicomnode.api.metrics_collector import database_registry
 from dicomnode.api.services import ApiServices
-from dicomnode.config import load_settings
+from dicomnode.config import RetentionSettings, load_settings
 from dicomnode.storage.db import create_db_engine, migrate, session_factory
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.models import Instance, Job, Study
+from dicomnode.storage.retention import sweep
 
 N_SQLITE = int(os.environ.get("DICOMNODE_SCALE_INSTANCES", "1000000"))
 N_PG = int(os.environ.get("DICOMNODE_SCALE_INSTANCES_PG", "100000"))
@@ -84,6 +85,9 @@ def _operations(f: Filled) -> dict[str, Callable[[], Any]]:
         "start-up: unhooked studies": f.index.unhooked,
         "start-up and sweep: pending de-identification": f.index.pending_deid,
         "spool expiry": lambda: f.index.expired_spool_files(now, now),
+        # last: it removes the oldest day's studies (and reads every protection check)
+        "retention sweep": lambda: sweep(f.engine, f.sessions, f.svc.files, RetentionSettings(
+            studies_days=364, jobs_days=364.5, outbox_days=364.5, batch=10), now=now),
     }
 
 
@@ -118,11 +122,14 @@ def test_sqlite_million_instances_read_by_index(sqlite_million: Filled) -> None:
     assert f'dicomnode_queue_jobs{{queue="deid",status="done"}} {n}.0' in text
     assert values["start-up: spool lookups"] == set()  # only the newest studies keep spool
     assert values["start-up: unhooked studies"] == []
+    swept = values["retention sweep"]
+    assert swept.studies >= 1 and swept.jobs >= 1 and swept.outbox >= 1
 
 
 def test_postgresql_reads_by_index(pg_filled: Filled) -> None:
     values = _assert_flat(pg_filled)
     assert values["api studies page"].total == pg_filled.n // 10
+    assert values["retention sweep"].studies >= 1
 
 
 def test_tally_counts_follow_every_change(db_url: str, tmp_path: Path) -> None:
