@@ -52,7 +52,7 @@ from dicomnode.scp.pool import ReceiverPool
 from dicomnode.scp.server import StorageServer
 from dicomnode.scp.slots import AssociationSlots
 from dicomnode.scp.transport import Listener
-from dicomnode.storage import retention
+from dicomnode.storage import retention, tally
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
 from dicomnode.storage.diskguard import DiskGuard
 from dicomnode.storage.index import StudyIndex
@@ -278,6 +278,15 @@ class Node:
             audit("spool_expired", user=self.settings.ae_title, count=n)
         return n
 
+    def compact_tally(self) -> None:
+        """Fold the trigger-kept counts once they pass ``tally.COMPACT_ABOVE`` rows, so
+        that /metrics and the studies total read a small table with or without scrapes."""
+        with self.sessions() as s:
+            big = tally.size(s) > tally.COMPACT_ABOVE
+        if big:
+            with self.sessions.begin() as s:
+                tally.compact(s)
+
     def retention_sweep(self) -> RetentionReport:
         """Remove what ``[retention]`` says has expired (storage/retention.py)."""
         return retention.sweep(
@@ -314,6 +323,7 @@ class Node:
                     self.expire_spool()
                     # the warning and dicomnode_disk_state fire without any traffic
                     self.disk.reading()
+                    self.compact_tally()
             except Exception:
                 log.exception("completion check or de-identification sweep failed; retrying")
 

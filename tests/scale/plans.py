@@ -51,17 +51,22 @@ def plan(engine: Engine, statement: str, parameters: Any) -> list[str]:
         raw.close()
 
 
+_ALIAS = re.compile(r"\b(?:FROM|JOIN)\s+(\w+)(?:\s+(?:AS\s+)?(\w+))?", re.I)
+
+
 def whole_table_reads(engine: Engine, statement: str, lines: list[str]) -> list[str]:
     """Plan lines that read a growing table whole (or a whole non-partial index of it).
 
-    An ordered index scan under a LIMIT stops after the page, so it is allowed.
+    An ordered index scan under a LIMIT stops after the page, so it is allowed. SQLite
+    names a table by its alias in the plan: aliases are resolved from the statement.
     """
     limited = re.search(r"\bLIMIT\b", statement, re.I) is not None
+    alias = {a: t for t, a in _ALIAS.findall(statement) if a}
     bad = []
     for line in lines:
         if engine.dialect.name == "sqlite":
             m = re.match(r"\s*SCAN (\w+)(?: AS \w+)?(.*)", line)
-            if not m or m.group(1) not in BIG:
+            if not m or alias.get(m.group(1), m.group(1)) not in BIG:
                 continue
             rest = m.group(2)
             if any(p in rest for p in PARTIAL):

@@ -152,11 +152,14 @@ _SQL_REPLACE_INSTANCE = text(
 
 
 # The condition repeats the partial index's (state = 'received') so that both SQLite and
-# PostgreSQL use it; deid_due_at is NULL only for rows older than migration 0004.
+# PostgreSQL use it; deid_due_at is NULL only for rows older than migration 0004. The
+# unary + keeps SQLite from walking all of ix_instance_study_state (0005) in study order
+# to save the GROUP BY sort: that reads every instance; the partial index only the few
+# still identified.
 _SQL_PENDING_DEID = text(
-    "SELECT i.study_id, MIN(COALESCE(i.deid_due_at, i.received_at)), s.last_received_at"
+    "SELECT +i.study_id, MIN(COALESCE(i.deid_due_at, i.received_at)), s.last_received_at"
     " FROM instance i JOIN study s ON s.id = i.study_id"
-    " WHERE i.state = 'received' GROUP BY i.study_id, s.last_received_at"
+    " WHERE i.state = 'received' GROUP BY +i.study_id, s.last_received_at"
 )
 
 _SQL_STUDY_DEID_DEADLINE = text(
@@ -703,8 +706,11 @@ class StudyIndex:
                 (r[0], r[1])
                 for r in s.execute(
                     select(Study.id, Study.completed_version).where(
-                        Study.state == StudyState.COMPLETE,
+                        # the partial index ix_study_unhooked holds exactly the rows of
+                        # this condition; "state || ''" keeps SQLite from preferring
+                        # ix_study_state_due, which ranges over every complete study
                         Study.hooked_version < Study.completed_version,
+                        Study.state.concat("") == StudyState.COMPLETE,
                     )
                 ).all()
             ]

@@ -154,8 +154,8 @@ class Study(Base):
         Index(
             "ix_study_unhooked",
             "id",
-            sqlite_where=text("state = 'complete' AND hooked_version < completed_version"),
-            postgresql_where=text("state = 'complete' AND hooked_version < completed_version"),
+            sqlite_where=text("hooked_version < completed_version"),
+            postgresql_where=text("hooked_version < completed_version"),
         ),
         # The retention sweep reads studies by age.
         Index("ix_study_completed_at", "completed_at"),

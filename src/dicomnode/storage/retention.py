@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.audit import audit
 from dicomnode.config import RetentionSettings
 from dicomnode.errors import StorageError
+from dicomnode.storage import tally
 from dicomnode.storage.models import (
     GroundTruth,
     InferenceResult,
@@ -333,6 +334,8 @@ def sweep(engine: Engine, sessions: sessionmaker[Session], files: FileStore,
     report.labels = _sweep_labels(sessions, files, s, now, who)
     _sweep_studies(sessions, files, s, now, who, report)
     report.audit_files = _sweep_audit_files(audit_path, s, now, who)
+    with sessions.begin() as db:  # the deletes above appended -1 rows to the tally
+        tally.compact(db)
     try:
         report.vacuumed = _sqlite_maintenance(engine, s, report.total())
     except Exception as exc:  # maintenance must not fail the sweep

@@ -64,8 +64,8 @@ def upgrade() -> None:
     op.create_index("ix_study_last_received", "study", ["last_received_at", "id"])
     op.create_index(
         "ix_study_unhooked", "study", ["id"],
-        sqlite_where=sa.text("state = 'complete' AND hooked_version < completed_version"),
-        postgresql_where=sa.text("state = 'complete' AND hooked_version < completed_version"),
+        sqlite_where=sa.text("hooked_version < completed_version"),
+        postgresql_where=sa.text("hooked_version < completed_version"),
     )
     op.create_index("ix_study_completed_at", "study", ["completed_at"])
     op.create_index("ix_instance_study_state", "instance", ["study_id", "state", "deidentified_at"])
