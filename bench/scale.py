@@ -203,14 +203,16 @@ def main() -> None:
     ap.add_argument("--postgres", help="e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--pg-sizes", help="sizes for PostgreSQL (default: --sizes)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--skip-sqlite", action="store_true")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     out: dict[str, Any] = {"machine": f"{platform.node()} {platform.processor()} "
                                       f"{os.cpu_count()} cpus", "date": time.strftime("%F"),
                            "loadavg_start": os.getloadavg()}
-    out["sqlite"] = run("sqlite", sizes, None, a.rounds)
-    print(table("SQLite", out["sqlite"]))
+    if not a.skip_sqlite:
+        out["sqlite"] = run("sqlite", sizes, None, a.rounds)
+        print(table("SQLite", out["sqlite"]))
     if a.postgres:
         pg_sizes = [int(x) for x in (a.pg_sizes or a.sizes).split(",")]
         out["postgres"] = run("postgres", pg_sizes, a.postgres, a.rounds)
