@@ -306,11 +306,11 @@ def _sweep_audit_files(audit_path: Path | None, s: RetentionSettings, now: float
 def _sqlite_maintenance(engine: Engine, s: RetentionSettings, removed: int) -> bool:
     if engine.dialect.name != "sqlite":
         return False  # PostgreSQL: autovacuum
-    with engine.connect().execution_options(dicomnode_read_only=True) as c:
+    # a write transaction (BEGIN IMMEDIATE): optimize may write sqlite_stat1
+    with engine.begin() as c:
         c.exec_driver_sql("PRAGMA optimize")  # ANALYZE of the tables whose stats drifted
         free = c.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
         pages = c.exec_driver_sql("PRAGMA page_count").scalar() or 1
-        c.rollback()
     if not removed or free / pages < s.vacuum_free_fraction:
         return False
     raw = engine.raw_connection()
