@@ -52,7 +52,9 @@ from dicomnode.scp.pool import ReceiverPool
 from dicomnode.scp.server import StorageServer
 from dicomnode.scp.slots import AssociationSlots
 from dicomnode.scp.transport import Listener
+from dicomnode.storage import retention, tally
 from dicomnode.storage.db import create_db_engine, migrate, schema_state, session_factory
+from dicomnode.storage.diskguard import DiskGuard
 from dicomnode.storage.index import StudyIndex
 from dicomnode.storage.ingest import Ingestor
 from dicomnode.storage.keys import load_secret, vault_key
@@ -60,6 +62,7 @@ from dicomnode.storage.labels import LabelStore
 from dicomnode.storage.outbox import Outbox
 from dicomnode.storage.registry import ModelRegistry
 from dicomnode.storage.results import ResultStore
+from dicomnode.storage.retention import RetentionReport
 from dicomnode.storage.spool import FileStore
 from dicomnode.storage.vault import Vault
 
@@ -89,12 +92,9 @@ def model_registry(settings: NodeSettings, sessions: sessionmaker[Session]) -> M
                                                     settings.inference.memory_budget_mb))
 
 
-def ingest_gate() -> float | None:
-    """Admission check of HTTP ingest (STOW-RS): seconds to wait, or None to go ahead.
-
-    TODO(issue 18): the disk watermark of ``storage.diskguard``.
-    """
-    return None
+def disk_guard(settings: NodeSettings) -> DiskGuard:
+    """The disk watermark of this process over the data directory (``[storage]``)."""
+    return DiskGuard(settings.data_dir.resolve(), settings.storage, who=settings.ae_title)
 
 
 def open_database(settings: NodeSettings, *, upgrade: bool) -> tuple[Engine, sessionmaker[Session]]:
@@ -140,9 +140,14 @@ class Node:
     ingestor: Ingestor | None = None
     scheduler: Any = None
     api: Any = None
+    disk: DiskGuard = field(init=False)
+    """The disk watermark: STOW-RS and the completion loop's periodic look."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     started: bool = False
+
+    def __post_init__(self) -> None:
+        self.disk = disk_guard(self.settings)
 
     def add_completion_hook(self, hook: CompletionHook) -> None:
         """Run ``hook(ctx, study_id, version)`` when a study version settles."""
@@ -169,6 +174,10 @@ class Node:
         t = threading.Thread(target=self._completion_loop, name="completion", daemon=True)
         t.start()
         self._threads.append(t)
+        if self.settings.retention.enabled:
+            t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+            t.start()
+            self._threads.append(t)
         if self.settings.learning.enabled and isinstance(self.queue, LocalQueue):
             # embedded: APScheduler in this process; scale-out: procrastinate's periodic
             # task, registered in create_node, fires once per tick across the cluster
@@ -177,8 +186,9 @@ class Node:
             # Before the SCP: a port clash stops the node before it takes associations.
             from dicomnode.api import ApiServer, ApiServices, create_api  # only when serving
 
+            # STOW-RS refuses at the same watermark as the SCP (503 with Retry-After).
             services = ApiServices.from_context(self.ctx, self.sessions, self.ingestor,
-                                                ingest_gate)
+                                                self.disk.retry_after)
             app = create_api(services, self.settings.api)
             self.api = ApiServer(app, self.settings.api.host, self.settings.api.port)
             self.api.start()
@@ -209,19 +219,33 @@ class Node:
     def _reconcile_spool(self, ingestor: Ingestor) -> int:
         # A spool file without an index row was fsynced but its row never committed
         # (crash, or a power cut losing SQLite's last NORMAL-mode transactions): index it.
+        # The files drive the lookups (a batch at a time, by index): an empty spool costs
+        # no query at all, a full one costs its own size, never the archive's.
         spool = self.files.root / "spool"
         if not spool.is_dir():
             return 0
-        known = self.index.stored_paths()
         n = 0
+        batch: list[str] = []
+
+        def flush() -> int:
+            known = self.index.indexed_spool_paths(batch)
+            done = 0
+            for rel in batch:
+                if rel in known:
+                    continue
+                try:
+                    done += ingestor.reindex(rel)
+                except NodeError as exc:
+                    log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
+            batch.clear()
+            return done
+
         for p in spool.rglob("*.dcm"):
-            rel = p.relative_to(self.files.root).as_posix()
-            if rel in known:
-                continue
-            try:
-                n += ingestor.reindex(rel)
-            except NodeError as exc:
-                log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
+            batch.append(p.relative_to(self.files.root).as_posix())
+            if len(batch) >= 500:
+                n += flush()
+        if batch:
+            n += flush()
         return n
 
     def _enqueue_completion(self, session: Session | None, study_id: int, version: int) -> None:
@@ -254,6 +278,33 @@ class Node:
             audit("spool_expired", user=self.settings.ae_title, count=n)
         return n
 
+    def compact_tally(self) -> None:
+        """Fold the trigger-kept counts once they pass ``tally.COMPACT_ABOVE`` rows, so
+        that /metrics and the studies total read a small table with or without scrapes."""
+        with self.sessions() as s:
+            big = tally.size(s) > tally.COMPACT_ABOVE
+        if big:
+            with self.sessions.begin() as s:
+                tally.compact(s)
+
+    def retention_sweep(self) -> RetentionReport:
+        """Remove what ``[retention]`` says has expired (storage/retention.py)."""
+        return retention.sweep(
+            self.engine, self.sessions, self.files, self.settings.retention,
+            who=self.settings.ae_title,
+            audit_path=self.settings.audit_file or self.settings.data_dir.resolve() / "audit.jsonl")
+
+    def _retention_loop(self) -> None:
+        # Its own thread: a sweep of many batches never delays study completion. The
+        # first one a minute after start (not in the start-up path), then every interval.
+        wait = min(60.0, self.settings.retention.interval_s)
+        while not self._stop.wait(wait):
+            wait = self.settings.retention.interval_s
+            try:
+                self.retention_sweep()
+            except Exception:
+                log.exception("retention sweep failed; next try in %.0f s", wait)
+
     def _completion_loop(self) -> None:
         check_s = self.settings.completion.check_interval_s
         sweep_s = self.settings.deid.sweep_interval_s
@@ -270,6 +321,9 @@ class Node:
                 if now - last_expiry > 10:
                     last_expiry = now
                     self.expire_spool()
+                    # the warning and dicomnode_disk_state fire without any traffic
+                    self.disk.reading()
+                    self.compact_tally()
             except Exception:
                 log.exception("completion check or de-identification sweep failed; retrying")
 
@@ -541,6 +595,7 @@ def _storage_server(settings: NodeSettings, ingestor: Ingestor, outbox: Outbox |
         ingestor,
         on_commitment=outbox.commitment_report if outbox is not None else None,
         slots=slots,
+        disk=disk_guard(settings),
     )
 
 

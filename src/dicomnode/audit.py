@@ -50,6 +50,9 @@ config_loaded              110113 Security Alert / 110131 Software Config, E  th
 application_start / _stop  110100 Application Activity / 110120 / 110121, E   the node (start/stop)
 api_authentication_failed  110114 User Authentication / 110122 Login, E, 4    api/auth.py
 operator_action            110113 Security Alert / 110132 Restricted Fn, E    api (POST routes)
+disk_watermark             110113 Security Alert, E                           storage/diskguard.py
+retention_removed          110103 DICOM Instances Accessed, D                 storage/retention.py
+patient_deleted            110110 Patient Record, D                           storage/retention.py
 =========================  =================================================  ==================
 
 Callers pass pseudonymous keys, AE titles, peer addresses and texts the node
@@ -107,6 +110,9 @@ EVENTS: dict[str, tuple[dict[str, str], str, dict[str, str] | None]] = {
     "api_authentication_failed": (_USER_AUTHENTICATION, "E", _LOGIN),
     "operator_action": (_SECURITY_ALERT, "E", _code("110132", "Use of Restricted Function")),
     "spool_expired": (_INSTANCES_ACCESSED, "D", None),
+    "disk_watermark": (_SECURITY_ALERT, "E", None),
+    "retention_removed": (_INSTANCES_ACCESSED, "D", None),
+    "patient_deleted": (_PATIENT_RECORD, "D", None),
 }
 """event name -> (EventID, EventActionCode, EventTypeCode or None)."""
 

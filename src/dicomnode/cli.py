@@ -222,16 +222,46 @@ studies_app = typer.Typer(
 app.add_typer(studies_app, name="studies")
 
 
+def _since(value: str) -> float:
+    """Epoch seconds of ``--since``: an age (``90m``, ``24h``, ``7d``, ``3600s``) before
+    now, or an ISO 8601 date/time (UTC when it carries no offset)."""
+    import datetime as dt
+    import time as _time
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    v = value.strip()
+    if v[:-1].isdigit() and v[-1:].lower() in units:
+        return _time.time() - int(v[:-1]) * units[v[-1].lower()]
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither an age (24h, 7d) nor an ISO date/time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
 @studies_app.callback()
 def studies(
     ctx: typer.Context,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    limit: Annotated[int, typer.Option(
+        "--limit", min=0, help="At most this many studies, newest first (0: all).")] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many first.")] = 0,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Only studies received since: an ISO date/time (UTC unless it says)"
+        " or an age such as 90m, 24h, 7d.")] = None,
 ) -> None:
-    """List indexed studies with series / instance counts, state and outcome."""
+    """List indexed studies with series / instance counts, state and outcome, a page at a
+    time like ``/api/studies`` (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
+    try:
+        since_ts = _since(since) if since else None
+    except ValueError as exc:
+        raise _fail(f"--since: {exc}", 2) from None
     settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
     from dicomnode.app import open_database
     from dicomnode.storage.index import StudyIndex
@@ -240,7 +270,7 @@ def studies(
         engine, sessions = open_database(settings, upgrade=False)
     except NodeError as exc:
         raise _fail(str(exc), 1) from None
-    rows = StudyIndex(sessions).studies()
+    rows = StudyIndex(sessions).studies(limit=limit or None, offset=offset, since=since_ts)
     engine.dispose()
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
@@ -282,6 +312,82 @@ quarantine_app = typer.Typer(
 )
 app.add_typer(vault_app, name="vault")
 app.add_typer(quarantine_app, name="quarantine")
+patients_app = typer.Typer(
+    help="One patient's data, found through the vault (operator requests).",
+    no_args_is_help=True,
+)
+retention_app = typer.Typer(help="Removal of what [retention] says has expired.",
+                            no_args_is_help=True)
+app.add_typer(patients_app, name="patients")
+app.add_typer(retention_app, name="retention")
+
+
+@patients_app.command("delete")
+def patients_delete(
+    patient_id: Annotated[str, typer.Option("--patient-id", help="The original Patient ID.")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID, if the sender sets one.")]
+    = "",
+    operator: Annotated[str, typer.Option(help="Who is asking (recorded).")] = "",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also studies still in use (pending delivery, running job).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Delete every study of one patient: archive, results, labels, index rows and vault
+    entries. The Patient ID is turned into its pseudonym with the node's key (the index
+    and the vault hold only that); the deletion is audited (``patient_deleted``)."""
+    import getpass
+
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)
+    from dicomnode.dicom.pseudonym import Pseudonymizer
+    from dicomnode.storage.keys import load_secret
+    from dicomnode.storage.retention import delete_patient
+    from dicomnode.storage.spool import FileStore
+
+    d = settings.deid
+    try:
+        pseudo = Pseudonymizer(load_secret(d, settings.data_dir.resolve()),
+                               min_shift_days=d.min_shift_days,
+                               max_shift_days=d.max_shift_days, prefix=d.patient_id_prefix)
+    except (ConfigError, NodeError) as exc:
+        raise _fail(str(exc), 1) from None
+    pid = pseudo.patient_id(Pseudonymizer.patient_key(patient_id, issuer))
+    if not yes:
+        typer.confirm(f"delete every study of patient {pid} (pseudonym)?", abort=True)
+    engine, sessions = _open_node_storage(settings)
+    files = FileStore(settings.data_dir.resolve(), fsync=settings.storage.fsync, spares=0)
+    who = f"operator:{operator or getpass.getuser()}"
+    try:
+        report, kept = delete_patient(sessions, files, pid, who=who, force=force)
+    finally:
+        files.close()
+        engine.dispose()
+    typer.echo(f"patient {pid}: {report.studies} studies ({report.instances} instances, "
+               f"{report.files} files) deleted"
+               + (f"; {len(kept)} still in use kept (--force deletes them)" if kept else ""))
+    if not report.studies and not kept:
+        raise _fail(f"no study of patient {pid}", 1)
+
+
+@retention_app.command("sweep")
+def retention_sweep(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Run one retention sweep now (the node runs one daily) and print what it removed."""
+    settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    _setup_logging(settings)
+    from dicomnode.storage.retention import sweep
+    from dicomnode.storage.spool import FileStore
+
+    engine, sessions = _open_node_storage(settings)
+    files = FileStore(settings.data_dir.resolve(), fsync=settings.storage.fsync, spares=0)
+    try:
+        r = sweep(engine, sessions, files, settings.retention, who=settings.ae_title,
+                  audit_path=settings.audit_file or settings.data_dir.resolve() / "audit.jsonl")
+    finally:
+        files.close()
+        engine.dispose()
+    typer.echo(json.dumps({k: v for k, v in r.__dict__.items() if k != "removed_study_keys"}))
 
 
 def _open_node_storage(settings: NodeSettings):  # type: ignore[no-untyped-def]

@@ -43,6 +43,7 @@ __all__ = [
     "HttpCredentials",
     "PriorityRule",
     "ResultKind",
+    "RetentionSettings",
     "CompletionSettings",
     "DeidSettings",
     "InferenceSettings",
@@ -350,6 +351,20 @@ class StorageSettings(_Section):
     """fsync every received object (and its directory) before answering success."""
     spare_files: int = Field(4, ge=0, le=64)
     """Empty temporary files kept ready so that a write need not create one (0: off)."""
+    min_free_gb: float = Field(1.0, ge=0)
+    """Below this much free space on the data directory's filesystem new associations are
+    rejected (transient A-ASSOCIATE-RJ) and STOW-RS answers 503 with Retry-After, so
+    senders keep the data and retry; it resumes by itself (0: off)."""
+    max_used_percent: float | None = Field(None, gt=0, le=100)
+    """Also refuse when the filesystem is fuller than this percentage (None: off)."""
+    warn_free_gb: float | None = Field(None, ge=0)
+    """A warning (log, audit, ``dicomnode_disk_state`` 1) below this; None: twice
+    ``min_free_gb``."""
+    disk_check_interval_s: float = Field(1.0, ge=0, le=60)
+    """How long one free-space reading is reused (statvfs per association is cheap, but
+    a burst of associations need not repeat it)."""
+    disk_retry_after_s: int = Field(60, ge=1, le=3600)
+    """Retry-After of the STOW-RS 503 while refusing."""
 
 
 class PrivateKeepRule(_Section):
@@ -626,6 +641,39 @@ class ApiSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """How long what grows is kept (``[retention]``); a daily sweep removes the rest.
+
+    Ages are in days (fractions allowed); 0 keeps forever. Whatever the ages, the sweep
+    never removes what is still needed: a study with a delivery pending, a job waiting
+    or running for it, an outcome still being processed, or labels (a labelled study is
+    in the training set while ``keep_labelled``); its vault entries go with it, never
+    before. Each removal is audited (``retention_removed``).
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(86400.0, ge=1.0)
+    """How often the sweep runs (daily); also once shortly after start."""
+    batch: int = Field(200, ge=1, le=10000)
+    """Rows (or studies) removed per transaction: writers wait at most one batch."""
+    studies_days: float = Field(365.0, ge=0)
+    """Whole studies after their last receipt: de-identified archive copies, result
+    objects and masks, outbox rows, index rows and vault entries (identity and UIDs)."""
+    jobs_days: float = Field(14.0, ge=0)
+    """Done jobs and their dedup keys (failed jobs stay for the operator)."""
+    outbox_days: float = Field(90.0, ge=0)
+    """Delivered outbox rows (sent, confirmed, dropped) and their object files."""
+    labels_days: float = Field(0.0, ge=0)
+    """Ground-truth labels (and so the study's place in the training set); 0: kept."""
+    keep_labelled: bool = True
+    """Never remove a study that has labels (it is in the training set)."""
+    audit_days: float = Field(0.0, ge=0)
+    """Rotated audit files (``audit.jsonl.*``, by logrotate) older than this; 0: kept.
+    The live file is never rewritten (its handler keeps appending)."""
+    vacuum_free_fraction: float = Field(0.25, gt=0, le=1)
+    """SQLite: VACUUM after a sweep when this fraction of the file is free pages."""
+
+
 class JobSettings(_Section):
     """The job queue that runs everything after the C-STORE handler."""
 
@@ -669,6 +717,7 @@ class NodeSettings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     storage: StorageSettings = StorageSettings()
     jobs: JobSettings = JobSettings()
+    retention: RetentionSettings = RetentionSettings()
     deid: DeidSettings = DeidSettings()
     inference: InferenceSettings = InferenceSettings()
     routing: RoutingSettings = RoutingSettings()

@@ -23,11 +23,13 @@ This module is a leaf: it imports nothing from the package.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "ASSOCIATIONS",
     "CONNECTIONS_DROPPED",
+    "DISK_FREE_BYTES",
+    "DISK_STATE",
     "INFERENCE_SECONDS",
     "INSTANCES_RECEIVED",
     "INSTANCES_REJECTED",
@@ -64,6 +66,15 @@ CONNECTIONS_DROPPED = Counter(
     "incomplete, timeout, tls_handshake, not_dicom, unexpected_pdu, source_limit, "
     "pending_limit); see scp/gate.py.",
     ["reason"],
+)
+DISK_FREE_BYTES = Gauge(
+    "dicomnode_disk_free_bytes",
+    "Free bytes on the data directory's filesystem (storage.min_free_gb watches it).",
+)
+DISK_STATE = Gauge(
+    "dicomnode_disk_state",
+    "The data directory's free space: 0 fine, 1 warning (below storage.warn_free_gb), "
+    "2 refusing new data (below storage.min_free_gb or above storage.max_used_percent).",
 )
 STAGE_SECONDS = Histogram(
     "dicomnode_stage_seconds",

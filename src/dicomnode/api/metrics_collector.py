@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from dicomnode.api.queries import queue_depths
 from dicomnode.api.services import ApiServices
-from dicomnode.storage.models import ModelVersion, OutboxItem, Study
+from dicomnode.storage import tally
+from dicomnode.storage.models import ModelVersion
 
 __all__ = ["DatabaseCollector", "exposition"]
 
@@ -38,15 +39,22 @@ class DatabaseCollector(Collector):
         try:
             depths = queue_depths(self.services)
             with self.services.sessions() as s:
-                outbox = s.execute(select(OutboxItem.status, func.count())
-                                   .group_by(OutboxItem.status)).all()
-                studies = s.execute(select(Study.state, func.count())
-                                    .group_by(Study.state)).all()
+                # Trigger-kept counts (storage.tally): a scrape reads a few rows, not
+                # the outbox and study tables.
+                outbox = [(k2, n) for (_k1, k2), n in tally.counts(s, "outbox").items()]
+                studies = [(k2, n) for (_k1, k2), n in tally.counts(s, "study").items()]
+                big = tally.size(s) > tally.COMPACT_ABOVE
                 active = s.execute(select(ModelVersion.name, ModelVersion.version)
                                    .where(ModelVersion.status == "active")).all()
         except Exception as exc:  # a scrape must not fail because the database is down
             log.warning("metrics: database not readable (%s)", exc.__class__.__name__)
             return
+        if big:
+            try:
+                with self.services.sessions.begin() as s:
+                    tally.compact(s)
+            except Exception as exc:  # the next scrape tries again
+                log.warning("metrics: tally not compacted (%s)", exc.__class__.__name__)
         jobs = GaugeMetricFamily("dicomnode_queue_jobs",
                                  "Jobs in the job queue, by queue and status.",
                                  labels=["queue", "status"])

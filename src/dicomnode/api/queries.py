@@ -44,6 +44,7 @@ from dicomnode.api.schemas import (
 )
 from dicomnode.api.services import ApiServices
 from dicomnode.modelpkg.format1 import read_model_package
+from dicomnode.storage import tally
 from dicomnode.storage.models import (
     DriftRecord,
     InferenceResult,
@@ -222,15 +223,18 @@ def _summaries(s: Session, rows: Sequence[Study]) -> list[StudySummaryOut]:
 
 
 def studies(svc: ApiServices, *, state: str | None = None, limit: int = 100,
-            offset: int = 0) -> StudyList:
-    """Studies, most recently received first."""
+            offset: int = 0, since: float | None = None) -> StudyList:
+    """Studies, most recently received first (``ix_study_last_received``); ``total``
+    counts every study (in ``state``), whatever ``since``."""
     q = select(Study)
-    count = select(func.count()).select_from(Study)
     if state is not None:
         q = q.where(Study.state == state)
-        count = count.where(Study.state == state)
+    if since is not None:
+        q = q.where(Study.last_received_at >= since)
     with svc.sessions() as s:
-        total = int(s.execute(count).scalar() or 0)
+        # The total from the trigger-kept tally: counting the study table grows with it.
+        total = sum(n for (_k1, k2), n in tally.counts(s, "study").items()
+                    if state is None or k2 == state)
         rows = list(s.execute(q.order_by(Study.last_received_at.desc(), Study.id.desc())
                               .limit(limit).offset(offset)).scalars())
         return StudyList(total=total, items=_summaries(s, rows))
@@ -533,8 +537,9 @@ def queue_depths(svc: ApiServices) -> dict[str, dict[str, int]]:
                 out.setdefault(queue, {})["due"] = int(n)
         return out
     with svc.sessions() as s:
-        for queue, status, n in s.execute(select(Job.queue, Job.status, func.count())
-                                          .group_by(Job.queue, Job.status)).all():
+        # Per status from the trigger-kept tally (storage.tally); "due" is a range of the
+        # claim index over the waiting jobs only.
+        for (queue, status), n in tally.counts(s, "job").items():
             out.setdefault(queue, {})[status] = int(n)
         for queue, n in s.execute(select(Job.queue, func.count()).where(
                 Job.status == "todo", Job.run_after <= now).group_by(Job.queue)).all():

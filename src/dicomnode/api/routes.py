@@ -92,8 +92,10 @@ def api_router() -> APIRouter:
         state: Annotated[Literal["receiving", "complete"] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+        since: Annotated[float | None, Query(
+            ge=0, description="Only studies received at or after (epoch seconds)")] = None,
     ) -> StudyList:
-        return queries.studies(svc, state=state, limit=limit, offset=offset)
+        return queries.studies(svc, state=state, limit=limit, offset=offset, since=since)
 
     @router.get("/api/studies/{study_id}", response_model=StudyDetail, tags=["studies"],
                 responses=_NOT_FOUND,

@@ -335,9 +335,8 @@ def stow_router(authenticator: PeerAuthenticator) -> APIRouter:
 def admission_retry_after(gate: Callable[[], float | None] | None) -> float | None:
     """Seconds a client should wait before storing again, or None to go ahead.
 
-    The node's admission check for HTTP ingest. ``gate`` is wired by the app.
-    TODO(issue 18): answer from ``storage.diskguard`` (the disk watermark) once it is
-    merged, so STOW-RS and C-STORE refuse at the same watermark.
+    The node's admission check for HTTP ingest. ``gate`` is wired by the app: the disk
+    watermark (``storage.diskguard``), so STOW-RS and C-STORE refuse at the same one.
     """
     return gate() if gate is not None else None
 

@@ -29,6 +29,7 @@ from dicomnode.scp.ingest import Ingestor
 from dicomnode.scp.slots import AssociationSlots
 from dicomnode.scp.sopclasses import storage_sop_classes
 from dicomnode.scp.transport import AdoptedServer, Listener, open_listener
+from dicomnode.storage.diskguard import DiskGuard
 
 __all__ = ["StorageServer", "open_listeners", "server_ssl_context"]
 
@@ -112,6 +113,8 @@ class StorageServer:
     slots
         The association slots; shared between receiving processes (``scp/pool.py``),
         else this server's own.
+    disk
+        The disk watermark (``storage.min_free_gb``); None: not checked.
     """
 
     def __init__(
@@ -123,8 +126,10 @@ class StorageServer:
         on_commitment: CommitmentCallback | None = None,
         *,
         slots: AssociationSlots | None = None,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.settings = settings
+        self.disk = disk
         self.slots = slots or AssociationSlots(settings.max_associations)
         ae = AE(ae_title=ae_title)
         # Our slots count associations (admit); pynetdicom's own check counts threads,
@@ -196,7 +201,11 @@ class StorageServer:
            permanent, service-user, "calling AE title not recognized";
         2. the called AE title is ours (only with ``scp.require_called_ae``): else
            permanent, service-user, "called AE title not recognized";
-        3. a free association slot (``scp.max_associations``, across every receiving
+        3. free space on the data directory above the watermark (``storage.min_free_gb``,
+           ``storage.max_used_percent``): else transient, service-provider
+           (presentation), "local limit exceeded" (PS3.8 9.3.4, Table 9-21: result 2,
+           source 3, reason 2), so the sender keeps the objects and retries later;
+        4. a free association slot (``scp.max_associations``, across every receiving
            process): else transient, service-provider (presentation), "local limit
            exceeded". The slot is given back when the association ends.
 
@@ -206,6 +215,8 @@ class StorageServer:
             return Rejection(1, 1, 3, "calling AE title not recognized")
         if self.settings.require_called_ae and request.called_ae != self.ae.ae_title:
             return Rejection(1, 1, 7, "called AE title not recognized")
+        if self.disk is not None and (why := self.disk.refusal()) is not None:
+            return Rejection(2, 3, 2, f"disk watermark: {why}")
         if not self.slots.try_take():
             return Rejection(2, 3, 2, "local limit exceeded")
         return None

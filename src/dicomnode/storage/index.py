@@ -152,11 +152,14 @@ _SQL_REPLACE_INSTANCE = text(
 
 
 # The condition repeats the partial index's (state = 'received') so that both SQLite and
-# PostgreSQL use it; deid_due_at is NULL only for rows older than migration 0004.
+# PostgreSQL use it; deid_due_at is NULL only for rows older than migration 0004. The
+# unary + keeps SQLite from walking all of ix_instance_study_state (0005) in study order
+# to save the GROUP BY sort: that reads every instance; the partial index only the few
+# still identified.
 _SQL_PENDING_DEID = text(
-    "SELECT i.study_id, MIN(COALESCE(i.deid_due_at, i.received_at)), s.last_received_at"
+    "SELECT +i.study_id, MIN(COALESCE(i.deid_due_at, i.received_at)), s.last_received_at"
     " FROM instance i JOIN study s ON s.id = i.study_id"
-    " WHERE i.state = 'received' GROUP BY i.study_id, s.last_received_at"
+    " WHERE i.state = 'received' GROUP BY +i.study_id, s.last_received_at"
 )
 
 _SQL_STUDY_DEID_DEADLINE = text(
@@ -330,10 +333,26 @@ class StudyIndex:
         return RecordOutcome(instance_id, study_id, version, replaced, reopened)
 
     def stored_paths(self) -> set[str]:
-        """Paths of every indexed file (for start-up reconciliation of the spool)."""
+        """Paths of every indexed file (reads the whole instance table: tests and tools;
+        start-up uses :meth:`indexed_spool_paths`)."""
         with self.sessions() as s:
             rows = s.execute(select(Instance.path, Instance.spool_path)).all()
         return {p for row in rows for p in row if p}
+
+    def indexed_spool_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of these spool paths an instance row holds as its kept spool file.
+
+        Every row records its spool file in ``spool_path`` from receipt until the file is
+        deleted, so the partial index ``ix_instance_spool`` answers this by lookups, at a
+        cost in the number of ``paths``, not of instances.
+        """
+        found: set[str] = set()
+        with self.sessions() as s:
+            for i in range(0, len(paths), 500):
+                chunk = list(paths[i:i + 500])
+                found.update(s.execute(select(Instance.spool_path).where(
+                    Instance.spool_path.is_not(None), Instance.spool_path.in_(chunk))).scalars())
+        return found
 
     # -- de-identification state ---------------------------------------------------------
 
@@ -687,8 +706,11 @@ class StudyIndex:
                 (r[0], r[1])
                 for r in s.execute(
                     select(Study.id, Study.completed_version).where(
-                        Study.state == StudyState.COMPLETE,
+                        # the partial index ix_study_unhooked holds exactly the rows of
+                        # this condition; "state || ''" keeps SQLite from preferring
+                        # ix_study_state_due, which ranges over every complete study
                         Study.hooked_version < Study.completed_version,
+                        Study.state.concat("") == StudyState.COMPLETE,
                     )
                 ).all()
             ]
@@ -704,24 +726,36 @@ class StudyIndex:
 
     # -- queries -------------------------------------------------------------------------
 
-    def studies(self) -> list[StudySummary]:
-        """Every study with its series and instance counts, newest first."""
+    def studies(self, *, limit: int | None = None, offset: int = 0,
+                since: float | None = None) -> list[StudySummary]:
+        """Studies with their series and instance counts, newest first.
+
+        A page: ``limit`` rows after ``offset``, received at or after ``since`` (epoch
+        seconds). Only the page's studies are counted (``ix_instance_study_state``), so
+        a page costs the same however many studies the node holds.
+        """
+        q = select(Study)
+        if since is not None:
+            q = q.where(Study.last_received_at >= since)
+        q = q.order_by(Study.last_received_at.desc(), Study.id.desc()).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
         with self.sessions() as s:
-            counts = {
-                r[0]: (r[1], r[2])
-                for r in s.execute(
-                    select(
-                        Instance.study_id,
-                        func.count(func.distinct(Instance.series_id)),
-                        func.count(Instance.id),
-                    ).group_by(Instance.study_id)
-                ).all()
-            }
+            rows = list(s.execute(q).scalars())
+            ids = [st.id for st in rows]
+            counts: dict[int, tuple[int, int]] = {}
             mods: dict[int, set[str]] = {}
-            for sid, mod in s.execute(select(Series.study_id, Series.modality)).all():
-                if mod:
-                    mods.setdefault(sid, set()).add(mod)
-            rows = s.execute(select(Study).order_by(Study.last_received_at.desc())).scalars()
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                for sid, n in s.execute(
+                        select(Instance.study_id, func.count()).where(
+                            Instance.study_id.in_(chunk)).group_by(Instance.study_id)).all():
+                    counts[sid] = (0, int(n))
+                for sid, mod in s.execute(select(Series.study_id, Series.modality).where(
+                        Series.study_id.in_(chunk))).all():
+                    counts[sid] = (counts.get(sid, (0, 0))[0] + 1, counts.get(sid, (0, 0))[1])
+                    if mod:
+                        mods.setdefault(sid, set()).add(mod)
             return [
                 StudySummary(
                     id=st.id,

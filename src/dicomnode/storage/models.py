@@ -44,6 +44,7 @@ __all__ = [
     "GroundTruth",
     "DriftRecord",
     "TrainingRun",
+    "Tally",
 ]
 
 _NAMING = {
@@ -146,6 +147,18 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_state_due", "state", "complete_after"),
         Index("ix_study_outcome", "outcome"),
+        # The studies page and `dicomnode studies` read newest first, a page at a time.
+        Index("ix_study_last_received", "last_received_at", "id"),
+        # Start-up and the completion loop look for hooks still to run: few rows, whatever
+        # the number of studies.
+        Index(
+            "ix_study_unhooked",
+            "id",
+            sqlite_where=text("hooked_version < completed_version"),
+            postgresql_where=text("hooked_version < completed_version"),
+        ),
+        # The retention sweep reads studies by age.
+        Index("ix_study_completed_at", "completed_at"),
     )
 
 
@@ -205,6 +218,17 @@ class Instance(Base):
             "deid_due_at",
             sqlite_where=text("state = 'received'"),
             postgresql_where=text("state = 'received'"),
+        ),
+        # A page of studies counts its instances by state and reads when they were
+        # de-identified from this index alone (no row is read).
+        Index("ix_instance_study_state", "study_id", "state", "deidentified_at"),
+        # Identified spool files still kept: start-up reconciliation looks spool files up
+        # here, the spool expiry reads it; its size follows the spool, not the archive.
+        Index(
+            "ix_instance_spool",
+            "spool_path",
+            sqlite_where=text("spool_path IS NOT NULL"),
+            postgresql_where=text("spool_path IS NOT NULL"),
         ),
     )
 
@@ -268,7 +292,11 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_job_claim", "status", "queue", "run_after"),)
+    __table_args__ = (
+        Index("ix_job_claim", "status", "queue", "run_after"),
+        # The jobs page (newest first per status) and the retention sweep of done jobs.
+        Index("ix_job_status_updated", "status", "updated_at"),
+    )
 
 
 class ModelVersion(Base):
@@ -368,6 +396,8 @@ class OutboxItem(Base):
 
     __table_args__ = (
         Index("uq_outbox_object_destination", "sop_instance_uid", "destination", unique=True),
+        # Pending deliveries, and the retention sweep of delivered rows by age.
+        Index("ix_outbox_status_created", "status", "created_at"),
     )
 
 
@@ -423,3 +453,25 @@ class TrainingRun(Base):
     new_labels: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Tally(Base):
+    """Row counts of job, outbox and study by status, kept by database triggers.
+
+    Every insert, delete or status change of those tables adds a +1/-1 row here in the
+    same transaction (migration 0005), so ``/metrics`` sums a table whose size is
+    bounded by compaction (:func:`dicomnode.storage.tally.compact`) instead of counting
+    whole tables per scrape. Rows are only ever inserted by the triggers (no row is
+    updated in place), so concurrent writers never wait on each other here.
+    """
+
+    __tablename__ = "tally"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    """job | outbox | study"""
+    k1: Mapped[str] = mapped_column(String(64), default="")
+    """The job's queue ('' for the others)."""
+    k2: Mapped[str] = mapped_column(String(24))
+    """The status (job, outbox) or state (study)."""
+    n: Mapped[int] = mapped_column(Integer)
