@@ -306,6 +306,10 @@ def deid(
     not DICOM, or cannot be de-identified safely, are listed and skipped.
     """
     settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    from dicomnode.logsetup import configure_logging
+
+    # pydicom's warnings quote the values they complain about: scrubbed like the node's
+    configure_logging(settings.log_level, json_logs=settings.log_json, audit_path=None)
     from dicomnode.app import deid_options
     from dicomnode.dicom.deid import Deidentifier, deidentify_bytes
     from dicomnode.dicom.pseudonym import Pseudonymizer
