@@ -14,9 +14,9 @@ it must hold them back and say why.
 from __future__ import annotations
 
 import collections
-from importlib import resources
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
