@@ -99,7 +99,7 @@ _PHONE = re.compile(
     r"(?:[\s./-]{1,2}\(?\d{2,5}\)?)+(?![\w])"
     r"|(?<![\w+])(?:\+|00)\d{1,3}[\s./-]*\d[\d\s./-]{4,}\d",
 )
-_REMOVE = re.compile(
+_MONTH_DATES = re.compile(
     "|".join(
         rf"(?:{p})"
         for p in (
@@ -111,6 +111,14 @@ _REMOVE = re.compile(
             rf"\b{_M}{_OF}{_YEAR}\b",
             # the month name alone (an unknown word anyway; removed for adjacency)
             rf"\b{_M}",
+        )
+    ),
+    re.IGNORECASE,
+)
+_NUMERIC_DATES = re.compile(
+    "|".join(
+        rf"(?:{p})"
+        for p in (
             # numeric dates: 12/05/2023, 12.05.23, 2023-05-12, 5-12-23, 2023/5/12
             r"(?<![\w.])\d{1,4}\s?[./-]\s?\d{1,2}\s?[./-]\s?\d{2,4}(?![\w])",
             # month and year: 05/2023, 2023-05, 5.2023
@@ -157,14 +165,43 @@ _ID_DIGITS = re.compile(
 )
 
 
+_LETTERS = re.compile(r"[^\W\d_]+")
+_DIGIT = re.compile(r"\d").search
+_MONTH_SET = frozenset(_MONTHS.split("|"))
+_ID_SET = frozenset(_ID_WORDS.split("|"))
+_ADDRESS_ENDINGS = ("strasse", "straße", "str", "weg", "gasse", "platz", "allee", "ring")
+
+
 def _mask(value: str) -> str:
     """``value`` with every identifier span replaced by ``_GAP`` characters (same length)."""
+    if not _DIGIT(value):
+        return value  # every removed span has a digit; month names alone are unknown words
+    # The word patterns are slow (long alternations tried at every position): run them
+    # only in a window around a month or identifier word (a date or "Room 12" is short).
+    windows: list[tuple[re.Pattern[str], int, int]] = []
+    n = len(value)
+    for m in _LETTERS.finditer(value):
+        word = m.group(0).lower()
+        if word in _MONTH_SET:
+            windows.append((_MONTH_DATES, max(0, m.start() - 16), min(n, m.end() + 16)))
+        if word in _ID_SET or word.endswith(_ADDRESS_ENDINGS):
+            windows.append((_ID_DIGITS, max(0, m.start() - 40), min(n, m.end() + 24)))
+    for c in "#°º":
+        i = value.find(c)
+        if i >= 0:
+            windows.append((_ID_DIGITS, max(0, i - 8), min(n, i + 24)))
     out = list(value)
-    for rx in (_ID_DIGITS, _PHONE, _REMOVE):
-        for m in rx.finditer("".join(out)):
+
+    def blank(rx: re.Pattern[str], pos: int = 0, endpos: int = n) -> None:
+        for m in rx.finditer("".join(out), pos, endpos):
             if rx is _PHONE and sum(c.isdigit() for c in m.group(0)) < 6:
                 continue
             out[m.start() : m.end()] = _GAP * (m.end() - m.start())
+
+    for rx, pos, endpos in sorted(windows, key=lambda w: w[0] is _MONTH_DATES):
+        blank(rx, pos, endpos)  # identifier words first, as before the phone shapes
+    blank(_PHONE)
+    blank(_NUMERIC_DATES)
     return "".join(out)
 
 
@@ -231,7 +268,7 @@ class DescriptorCleaner:
             bare = upper.rstrip("+")
             if upper in forbidden or bare in forbidden:
                 continue
-            if not any(c.isdigit() for c in word):
+            if not _DIGIT(word):
                 if upper in self.words or bare in self.words:
                     keep[i] = True
                 elif bare in _UNIT_WORDS and i and adjacent[i] and keep[i - 1]:
