@@ -4,7 +4,9 @@ pydicom and pynetdicom warnings quote the offending value ("Invalid value for VR
 '...'", "Unknown encoding '...'"). A canary planted in malformed attributes is sent
 over C-STORE (dcmtk storescu) and STOW-RS to a running node at DEBUG level, and fed to
 the offline ``dicomnode deid``; every log line, audit line and API response is grepped
-for it. The same malformed attributes must still produce the warnings (their kind
+for it, and so is everything the node stores and the CLI writes (a kept attribute whose
+value breaks its VR's grammar is not kept: ``test_malformed_values.py``). The same
+malformed attributes must still produce the warnings (their kind
 stays), or the test would pass for want of a warning.
 """
 
@@ -133,10 +135,21 @@ def test_canary_over_c_store_and_stow_rs_never_logged(tmp_path: Path) -> None:
                 responses.append(c.get(path).content)
     log = node.log_path.read_bytes()
     audit = (node.data_dir / "audit.jsonl").read_bytes()
+    # and what the node keeps: files (the vault rows are encrypted), the database dump
+    stored = bytearray()
+    for f in sorted(node.data_dir.rglob("*")):
+        if f.is_file() and "keys" not in f.parts and not f.name.startswith("dicomnode.db"):
+            stored += f.read_bytes()
+    con = sqlite3.connect(node.data_dir / "dicomnode.db")
+    try:
+        stored += "\n".join(con.iterdump()).encode()
+    finally:
+        con.close()
+
     # the malformed values did make pydicom complain (kind kept, value dropped)
     assert b"Unknown encoding <value>" in log
     assert b"<value>" in log
-    for name, blob in [("node log", log), ("audit trail", audit)] + [
+    for name, blob in [("node log", log), ("audit trail", audit), ("stored data", stored)] + [
         (f"API response {i}", b) for i, b in enumerate(responses)
     ]:
         assert CANARY.encode() not in blob, f"canary in the {name}"
@@ -161,3 +174,6 @@ def test_canary_through_the_offline_cli_never_printed(tmp_path: Path) -> None:
     printed = res.stdout + res.stderr
     assert b"Unknown encoding <value>" in printed  # the warning came, without its value
     assert CANARY.encode() not in printed
+    for f in (tmp_path / "out").glob("*.dcm"):
+        assert CANARY.encode() not in f.read_bytes()
+    assert list((tmp_path / "out").glob("*.dcm"))
