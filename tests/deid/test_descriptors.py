@@ -106,6 +106,8 @@ ADVERSARIAL = [
     ("CT 2 of 3 14:30", "CT 2 of 3"),
     ("phase 2 Baker Street 12", "phase"),  # "2 Baker Street" reads as an address: fails closed
     ("CT head 1.25", "CT head"),
+    ("CT 12 of 2023 head", "CT of head"),
+    ("CT 1000 of 2 head", "CT of head"),
 ]
 
 CLINICAL = [

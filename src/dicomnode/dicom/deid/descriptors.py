@@ -309,8 +309,8 @@ class DescriptorCleaner:
         if len(upper) > 3:
             return False
         if nxt == "OF" and i + 2 < len(uppers) and adjacent[i + 2]:
-            if _INT.fullmatch(uppers[i + 2]):
-                return True  # "2 of 3"
+            if _INT.fullmatch(uppers[i + 2]) and len(uppers[i + 2]) <= 3:
+                return True  # "2 of 3" (not "12 of 2023")
         if prev == "OF" and i >= 2 and adjacent[i - 1] and keep[i - 2]:
             return _INT.fullmatch(uppers[i - 2]) is not None  # the 3 of "2 of 3"
         if prev in _COUNTERS and keep[i - 1]:
