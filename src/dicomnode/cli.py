@@ -403,15 +403,31 @@ def _open_node_storage(settings: NodeSettings):  # type: ignore[no-untyped-def]
 def deid(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders.", exists=True)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", file_okay=False)],
+    include_at_risk: Annotated[
+        bool,
+        typer.Option(
+            "--include-at-risk",
+            help="Also write objects at risk of identifying pixels or content (US, SC, "
+            "burned-in annotation, SR, PDF...) that no mask rule cleaned.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """De-identify files offline with the node's engine and keys (nothing enters the vault).
 
     Output files are named by their pseudonymous SOP Instance UID. Files that are
-    not DICOM, or cannot be de-identified safely, are listed and skipped.
+    not DICOM, or cannot be de-identified safely, are listed and skipped. Objects at
+    risk of identifying pixels or content (ultrasound, secondary capture, burned-in
+    annotation, SR, encapsulated PDF...) follow the node's quarantine policy
+    (``deid.quarantine_risky``): not written unless a mask rule cleaned them or
+    ``--include-at-risk`` is given. The summary counts what was held back and why.
     """
     settings = _settings(config, {"data_dir": data_dir} if data_dir else None)
+    from dicomnode.logsetup import configure_logging
+
+    # pydicom's warnings quote the values they complain about: scrubbed like the node's
+    configure_logging(settings.log_level, json_logs=settings.log_json, audit_path=None)
     from dicomnode.app import deid_options
     from dicomnode.dicom.deid import Deidentifier, deidentify_bytes
     from dicomnode.dicom.pseudonym import Pseudonymizer
@@ -435,7 +451,11 @@ def deid(
         f for p in inputs for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()
     ]
     out.mkdir(parents=True, exist_ok=True)
+    # the node's rule (pipeline/deid.py): quarantine when the engine says so and the
+    # policy is on; a mask rule that cleaned the pixels has already cleared its flags
+    hold_back = d.quarantine_risky and not include_at_risk
     done = skipped = flagged = 0
+    held: dict[str, int] = {}
     for f in files:
         try:
             result = deidentify_bytes(f.read_bytes(), engine)
@@ -443,15 +463,23 @@ def deid(
             typer.echo(f"skipped {f}: {exc}", err=True)
             skipped += 1
             continue
+        reason = ",".join(x.value for x in result.result.flags)
+        if result.result.quarantine and hold_back:
+            held[reason] = held.get(reason, 0) + 1
+            typer.echo(f"{f}: at risk ({reason}), not written", err=True)
+            continue
         (out / f"{result.result.sop_instance_uid}.dcm").write_bytes(result.data)
         done += 1
         if result.result.flags:
             flagged += 1
-            typer.echo(
-                f"{f}: at risk ({', '.join(x.value for x in result.result.flags)})", err=True
-            )
-    typer.echo(f"{done} de-identified into {out}, {skipped} skipped, {flagged} flagged")
-    if skipped and not done:
+            typer.echo(f"{f}: at risk ({reason}), written", err=True)
+    summary = f"{done} de-identified into {out}, {skipped} skipped, {flagged} flagged"
+    if held:
+        reasons = "; ".join(f"{n} {r}" for r, n in sorted(held.items()))
+        summary += (f", {sum(held.values())} at risk not written ({reasons}; "
+                    "--include-at-risk writes them)")
+    typer.echo(summary)
+    if skipped and not done and not held:
         raise typer.Exit(1)
 
 

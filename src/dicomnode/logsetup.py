@@ -8,6 +8,15 @@ their stack (file, line, code) and, for the node's own errors, their message; a
 third-party exception's message is withheld because it may quote a dataset
 value (the same rule as ``jobs.local.describe_error``).
 
+Third-party loggers (pydicom, pynetdicom, uvicorn, anything not under ``dicomnode``)
+and Python ``warnings`` (captured into the ``py.warnings`` logger) quote the values
+they complain about: an invalid Patient's Name, an original UID, a date. Every record
+of theirs passes through :func:`scrub_message` when it is created (a log record
+factory, so that every handler sees the scrubbed text): quoted values, UIDs, long
+digit runs, dates, person names and single-token values after a colon become
+``<value>``; the message kind, the tag and the attribute keyword stay
+(``Invalid value for VR DA: <value>``, ``(0010,0010) [PatientName]``).
+
 The audit logger (``dicomnode.audit``, see :mod:`dicomnode.audit`) goes to
 ``audit_path`` only, one JSON object per line, when a path is given (file mode
 0600, reopened when rotated away: ``WatchedFileHandler``); without one, audit
@@ -23,14 +32,22 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import traceback
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dicomnode.errors import NodeError
 
-__all__ = ["JsonFormatter", "configure_logging", "current_logging"]
+__all__ = [
+    "JsonFormatter",
+    "configure_logging",
+    "current_logging",
+    "install_third_party_filter",
+    "scrub_message",
+]
 
 _AUDIT_LOGGER = "dicomnode.audit"  # dicomnode.audit.AUDIT_LOGGER; a leaf imports no sibling
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -39,6 +56,109 @@ _OURS = "_dicomnode_handler"  # marks handlers installed here, so a second call 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "audit", "color_message"}  # uvicorn's ANSI copy of the message
+
+
+_VALUE = "<value>"
+# a quote not inside a word ("doesn't" is no quote); b'..' and "..." too
+_QUOTED = re.compile(
+    r"(?<![A-Za-z])b?'(?:[^'\\]|\\.)*'(?![A-Za-z])" + r'|b?"(?:[^"\\]|\\.)*"'
+)
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s?([0-9A-Fa-f]{4})\)")
+_UNSAFE = re.compile(
+    r"\d+(?:\.\d+){2,}"  # UIDs, dotted dates
+    r"|(?<![\w])\d{1,4}[-/]\d{1,2}[-/]\d{1,4}(?![\w])"  # dates
+    r"|(?<![\w])\d{5,}(?![\w])"  # digit runs: IDs, DA, TM
+    r"|[^\s'\"]*[\^@][^\s'\"]*"  # person names, e-mail addresses
+)
+# "...: VALUE" at the end of a message (pynetdicom's "Unknown Move Destination: X")
+_TAIL = re.compile(r"(:\s+)([^\s:]+?)(\.?)$")
+
+
+@lru_cache(maxsize=1)
+def _safe_terms() -> frozenset[str]:
+    """Words a message may quote that are no value: attribute keywords and names, VRs,
+    UID names (pydicom's dictionaries), imported here lazily: this module is a leaf."""
+    try:
+        from pydicom.datadict import DicomDictionary
+        from pydicom.uid import UID_dictionary
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return frozenset()
+    terms = {e[2] for e in DicomDictionary.values()} | {e[4] for e in DicomDictionary.values()}
+    terms |= {e[1] for e in DicomDictionary.values()}  # VRs ("US or SS" too)
+    terms |= {e[0] for e in UID_dictionary.values()}
+    return frozenset(t for t in terms if t)
+
+
+def _keyword(group: str, element: str) -> str:
+    try:
+        from pydicom.datadict import keyword_for_tag
+    except ImportError:  # pragma: no cover
+        return ""
+    return keyword_for_tag(int(group + element, 16)) or ""
+
+
+def scrub_message(text: str) -> str:
+    """``text`` with the values a third-party message may quote replaced by ``<value>``.
+
+    Keeps the kind of the message, tags (with the attribute keyword added) and quoted
+    dictionary terms (keywords, attribute names, VRs, UID names); drops quoted strings,
+    UIDs, dates, digit runs of five or more, ``^``/``@`` words and a single-token value
+    ending the message after a colon.
+    """
+    safe = _safe_terms()
+
+    def quoted(m: re.Match[str]) -> str:
+        inner = m.group(0).lstrip("b")[1:-1]
+        return m.group(0) if inner in safe else _VALUE
+
+    out = _QUOTED.sub(quoted, text)
+    out = _UNSAFE.sub(_VALUE, out)
+    tail = _TAIL.search(out)
+    if tail and tail.group(2) not in safe and tail.group(2) != _VALUE \
+            and not re.fullmatch(r"\d{1,4}|[A-Z]{2}", tail.group(2)):
+        out = out[: tail.start(2)] + _VALUE + tail.group(3)
+
+    def tag(m: re.Match[str]) -> str:
+        kw = _keyword(m.group(1), m.group(2))
+        return f"{m.group(0)} [{kw}]" if kw else m.group(0)
+
+    return _TAG.sub(tag, out)
+
+
+def _third_party(name: str) -> bool:
+    return name != "dicomnode" and not name.startswith("dicomnode.")
+
+
+def _scrubbed_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Rewrite a third-party record in place: its message scrubbed, its args gone."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a broken %-format must not lose the record
+        message = str(record.msg)
+    record.msg = scrub_message(message)
+    record.args = None
+    return record
+
+
+_base_factory = logging.getLogRecordFactory()
+
+
+def _factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _base_factory(*args, **kwargs)
+    if _third_party(record.name):
+        _scrubbed_record(record)
+    return record
+
+
+def install_third_party_filter() -> None:
+    """Scrub every third-party log record and capture Python warnings into logging.
+
+    Idempotent; called by :func:`configure_logging` and by commands that log nothing of
+    their own but run pydicom (the offline ``dicomnode deid``).
+    """
+    if logging.getLogRecordFactory() is not _factory:
+        logging.setLogRecordFactory(_factory)
+    logging.captureWarnings(True)
 
 
 def _exception(exc_info: Any) -> dict[str, Any]:
@@ -69,13 +189,28 @@ class JsonFormatter(logging.Formatter):
             out["audit"] = audit
         else:
             out["msg"] = record.getMessage()
+        foreign = _third_party(record.name)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, str | int | float | bool | None) \
-                    else str(value)
+                value = value if isinstance(value, int | float | bool | None) else str(value)
+                out[key] = scrub_message(value) if foreign and isinstance(value, str) else value
         if record.exc_info and record.exc_info[0] is not None:
             out["exc"] = _exception(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    """Text lines; an exception shows its stack, and its message only when it is the
+    node's own (as in :class:`JsonFormatter`)."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        info = _exception(ei)
+        lines = [info["stack"], f"{info['type']}: {info['message']}"]
+        cause = info.get("cause")
+        while cause:
+            lines.append(f"caused by {cause['type']}: {cause['message']}")
+            cause = cause.get("cause")
+        return "\n".join(lines)
 
 
 class _AuditLineFormatter(logging.Formatter):
@@ -123,10 +258,11 @@ def configure_logging(level: str, *, json_logs: bool, audit_path: Path | None) -
             lg.removeHandler(h)
             h.close()
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(JsonFormatter() if json_logs else logging.Formatter(_TEXT_FORMAT))
+    stream.setFormatter(JsonFormatter() if json_logs else _TextFormatter(_TEXT_FORMAT))
     setattr(stream, _OURS, True)
     root.addHandler(stream)
     root.setLevel(level)
+    install_third_party_filter()
     # pynetdicom's INFO is one line per DIMSE message; keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -132,7 +132,9 @@ def test_descriptor_cleaning():
     clean = DescriptorCleaner().clean
     assert clean("CT chest - 55F Dr. Smith") == "CT chest"
     assert clean("AX T2 FLAIR 5mm C+") == "AX T2 FLAIR 5mm C+"
-    assert clean("Thorax 1.25 B30f MRN 1234567") == "Thorax 1.25"
+    # A bare "1.25" may be a date (January 25); with its unit, or as 0.625, it is not.
+    assert clean("Thorax 1.25 B30f MRN 1234567") == "Thorax"
+    assert clean("Thorax 1.25 mm 0.625 B30f") == "Thorax 1.25 mm 0.625"
     assert clean("HEAD 2023 Head") == "HEAD Head"
     assert clean("HEAD Smith", frozenset({"HEAD"})) == ""
     assert DescriptorCleaner(["B30F"]).clean("Thorax B30f") == "Thorax B30f"

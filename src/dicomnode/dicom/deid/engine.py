@@ -31,6 +31,7 @@ output are built by :mod:`~dicomnode.dicom.deid.markers`.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -75,6 +76,21 @@ _PATIENT_NAME, _PATIENT_ID, _ISSUER, _ACCESSION, _STUDY_ID, _AGE = range(20, 26)
 
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "AE", "UR"})
 _DATE_VRS = frozenset({"DA", "DT"})
+# What a kept value of a VR with a grammar may contain (PS3.5 6.2, leniently: padding,
+# multiple values, ACR-NEMA dates). A value outside it is not what the VR says it is
+# (a name typed into Patient's Sex, a UID into Slice Thickness) and is not kept.
+_GRAMMAR = {
+    vr: re.compile(rb"[" + chars + rb"\\\x00 ]*")
+    for vr, chars in {
+        "AS": rb"0-9DWMY",
+        "CS": rb"A-Z0-9_",
+        "DA": rb"0-9.\-",
+        "DT": rb"0-9.+\-",
+        "DS": rb"0-9.+\-eE",
+        "IS": rb"0-9+\-",
+        "TM": rb"0-9.:",
+    }.items()
+}
 _BINARY_SIZE = {
     "US": 2,
     "SS": 2,
@@ -437,6 +453,14 @@ class Deidentifier:
                 if op is None:
                     op = ops[key] = self._resolve(tag, vr, parent, walk.types)
                 if op == _KEEP:
+                    grammar = _GRAMMAR.get(vr)
+                    if grammar is not None and elem.value and not grammar.fullmatch(
+                        elem.value if elem.is_raw else _elem_text(elem).encode("utf-8")
+                    ):
+                        new = self._malformed(tag, vr, elem, src, walk.types, parent)
+                        if new is not None:
+                            put[tag] = new
+                        continue
                     # Raw elements are immutable tuples and shared; a converted one is
                     # copied so that changing the output never changes the input.
                     put[tag] = elem if elem.is_raw else copy.copy(elem)
@@ -661,6 +685,20 @@ class Deidentifier:
         if self.options.patient_name_style is PatientNameStyle.ID:
             return f"{patient_id}^"
         return f"ANON^{patient_id}"
+
+    def _malformed(
+        self, tag: int, vr: str, elem: Any, src: Dataset, types: IODTypes, parent: int
+    ) -> Any:
+        """A kept element whose value breaks its VR's grammar: dummy (Type 1), empty
+        (Type 2) or removed, as an unlisted free-text element would be."""
+        if tag == 0x00080005:
+            return None  # an unknown Specific Character Set: the default, as pydicom read it
+        t = types.type_of(tag, parent)
+        if t == TYPE_1:
+            # Modality, Image Type, Photometric Interpretation in lower case: equipment
+            # values a dummy would break; a number or time gets a dummy.
+            return elem if vr == "CS" else self._dummy(tag, vr, elem, src)
+        return _raw(tag, vr, b"", elem) if t == TYPE_2 else None
 
     def _dummy(self, tag: int, vr: str | None, elem: Any, src: Dataset) -> Any:
         """D: a non-empty value consistent with the VR (PS3.15 E.1.1)."""
