@@ -146,3 +146,39 @@ def test_vendored_results_render_on_the_dashboard(vendored: list[BatchRun]) -> N
         assert rendered == len(keys) >= 11
     finally:
         engine.dispose()
+
+
+def test_vendored_identifiers_are_nowhere_but_the_vault(vendored: list[BatchRun]) -> None:
+    """Issue 16: after the node has stored, de-identified, inferred and encoded the real
+    files, no input file's name, Patient ID, birth date or instance UID is in any file
+    under its data directory (archive, quarantine, results, audit trail), its log, or a
+    dump of its database; the vault holds them encrypted only."""
+    import sqlite3
+
+    from test_realworld_deid_cli import _identifiers, _technical_values
+
+    checked = 0
+    for run in vendored:
+        assert run.data_dir is not None
+        identifiers = set().union(*(_identifiers(f.path) for f in run.files))
+        identifiers -= set().union(
+            *(_technical_values(dcmread(f.path, stop_before_pixels=True)) for f in run.files))
+        # a placeholder name in public test data that the node's own model names contain
+        # ("demo-lesion"): not a person
+        identifiers -= {v for v in identifiers if v.lower() == "demo"}
+        blobs: list[tuple[str, bytes]] = []
+        for path in sorted(run.data_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith("dicomnode.db"):
+                blobs.append((str(path.relative_to(run.data_dir)), path.read_bytes()))
+        log = run.data_dir.parent / "node.log"
+        blobs.append(("node.log", log.read_bytes()))
+        con = sqlite3.connect(run.data_dir / "dicomnode.db")
+        try:
+            blobs.append(("database dump", "\n".join(con.iterdump()).encode()))
+        finally:
+            con.close()
+        for where, data in blobs:
+            leaked = [v for v in identifiers if v.encode() in data]
+            assert not leaked, f"batch {run.batch}: {where} holds {sorted(leaked)[:5]}"
+        checked += len(identifiers)
+    assert checked > 50  # UIDs at least: the scan had something to find
