@@ -67,6 +67,9 @@ class Train3dConfig:
     seed: int = 0
     fg_fraction: float = 0.6
     """Share of patches centred near a labelled voxel (the rest anywhere)."""
+    train_patch: tuple[int, int, int] | None = None
+    """Training patch size; None = the package's inference patch. The network is fully
+    convolutional, so a smaller training patch (cheaper steps on CPU) serves the same."""
     threads: int | None = None
     progress: bool = True
 
@@ -212,16 +215,17 @@ def train_volume(train_cases: Sequence[Case], val_cases: Sequence[Case], spec: V
         raise ValueError("need training and validation cases")
     n_labels = len(thresholds)
     probe = UNet3d(n_labels, cfg.base, cfg.levels)
-    if any(p % probe.size_multiple for p in inference.patch):
-        raise ValueError(f"patch {list(inference.patch)} is not a multiple of "
-                         f"{probe.size_multiple} on every axis")
+    train_patch = tuple(cfg.train_patch or inference.patch)
+    if any(p % probe.size_multiple for p in (*inference.patch, *train_patch)):
+        raise ValueError(f"patch {list(inference.patch)} / training patch {list(train_patch)}"
+                         f" is not a multiple of {probe.size_multiple} on every axis")
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train_data = [prepare_volume_case(c, spec, inference, n_labels) for c in train_cases]
     val_data = [prepare_volume_case(c, spec, inference, n_labels) for c in val_cases]
-    patches = _Patches(train_data, inference.patch, cfg.fg_fraction, cfg.seed)
+    patches = _Patches(train_data, train_patch, cfg.fg_fraction, cfg.seed)
     model = UNet3d(n_labels, cfg.base, cfg.levels)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
