@@ -20,7 +20,7 @@ from dicomnode.modelpkg.normalize import nonzero_mask, normalize, normalize_valu
 from dicomnode.modelpkg.resample import resample_volume
 from dicomnode.modelpkg.tiling import pad_to_patch
 
-__all__ = ["Prepared", "prepare_volume"]
+__all__ = ["Prepared", "axial_affine", "prepare_volume"]
 
 
 @dataclass
@@ -95,3 +95,14 @@ def prepare_volume(array: np.ndarray, affine: np.ndarray, spec: VolumeInput,
         unpad=unpad,
         reoriented_shape=reoriented_shape,  # type: ignore[arg-type]
     )
+
+
+def axial_affine(spacing: Sequence[float]) -> np.ndarray:
+    """The LPS affine of a (z, y, x) volume known only by its spacing: an axial
+    head-first stack (slices toward superior, rows posterior, columns left: ``SPL``), as
+    the phantoms and the node's axial CT volumes are. For training cases and evaluation
+    predictors, which carry spacing but no orientation."""
+    dz, dy, dx = (float(s) for s in spacing)
+    a = np.eye(4)
+    a[:3, :3] = [[0.0, 0.0, dx], [0.0, dy, 0.0], [dz, 0.0, 0.0]]
+    return a

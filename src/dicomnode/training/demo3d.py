@@ -42,12 +42,11 @@ from dicomnode.modelpkg.format2 import (
     Tiling,
     VolumeInput,
 )
-from dicomnode.modelpkg.prepare import prepare_volume
+from dicomnode.modelpkg.prepare import axial_affine, prepare_volume
 from dicomnode.training.data import Case, phantom_cases
 from dicomnode.training.evaluate import dice
 from dicomnode.training.train3d import (
     Train3dConfig,
-    case_affine,
     config_provenance,
     predict_network_grid,
     prepare_volume_case,
@@ -166,7 +165,7 @@ def _golden_case(model: torch.nn.Module) -> tuple[bytes, float]:
     # small (four windows, one batch): every node start that registers the demo runs it
     case = phantom_cases([GOLDEN_SEED], pixel_spacing_mm=SPACING[1], rows=64, columns=80,
                          n_slices=20, slice_thickness_mm=SPACING[0], n_lesions=3)[0]
-    prep = prepare_volume(case.volume, case_affine(case.spacing), DEMO3D_SPEC, PATCH,
+    prep = prepare_volume(case.volume, axial_affine(case.spacing), DEMO3D_SPEC, PATCH,
                           "constant", -1000.0, "real")
     assert prep.network_shape == case.volume.shape
     pv = prepare_volume_case(case, DEMO3D_SPEC, DEMO3D_INFERENCE, 1)
@@ -175,7 +174,7 @@ def _golden_case(model: torch.nn.Module) -> tuple[bytes, float]:
     buf = io.BytesIO()
     # whole HU (int16): the noise does not compress, and the phantom is quantised anyway
     np.savez_compressed(buf, volume=np.round(case.volume).astype(np.int16),
-                        affine=case_affine(case.spacing), labels=labels)
+                        affine=axial_affine(case.spacing), labels=labels)
     return buf.getvalue(), dice(labels, case.mask)
 
 

@@ -32,7 +32,7 @@ import torch
 from dicomnode.errors import ModelError
 from dicomnode.modelpkg.format2 import InferenceSpec, NormStep, Resample, VolumeInput
 from dicomnode.modelpkg.normalize import normalize_value
-from dicomnode.modelpkg.prepare import prepare_volume
+from dicomnode.modelpkg.prepare import axial_affine, prepare_volume
 from dicomnode.modelpkg.write import write_format2_package
 from dicomnode.training.data import Case
 from dicomnode.training.export import export_static, max_abs_difference
@@ -42,11 +42,11 @@ from dicomnode.training.unet import UNet3d
 __all__ = [
     "PreparedVolume",
     "Train3dConfig",
-    "case_affine",
     "config_provenance",
     "predict_network_grid",
     "prepare_volume_case",
     "train_volume",
+    "train_volume_package",
     "write_volume_package",
 ]
 
@@ -85,16 +85,6 @@ class PreparedVolume:
     case_id: str
 
 
-def case_affine(spacing: Sequence[float]) -> np.ndarray:
-    """The LPS affine of a (z, y, x) :class:`Case` volume: an axial head-first stack
-    (slices toward superior, rows posterior, columns left: ``SPL``), as the phantoms
-    and the node's axial CT volumes are."""
-    dz, dy, dx = (float(s) for s in spacing)
-    a = np.eye(4)
-    a[:3, :3] = [[0.0, 0.0, dx], [0.0, dy, 0.0], [dz, 0.0, 0.0]]
-    return a
-
-
 def prepare_volume_case(case: Case, spec: VolumeInput, inference: InferenceSpec,
                         n_labels: int) -> PreparedVolume:
     """The case's image and label indicators prepared as the runtime prepares a volume.
@@ -112,7 +102,7 @@ def prepare_volume_case(case: Case, spec: VolumeInput, inference: InferenceSpec,
                          f"{n_labels}")
     if spec.crop_to_nonzero:
         raise ValueError("training with crop_to_nonzero is not supported")
-    affine = case_affine(case.spacing)
+    affine = axial_affine(case.spacing)
     pad = inference.pad
     prep = prepare_volume(case.volume, affine, spec, inference.patch, pad.mode, pad.value,
                           pad.space)
@@ -300,3 +290,70 @@ def write_volume_package(model: torch.nn.Module, out: Path | str, document: Mapp
 def config_provenance(cfg: Train3dConfig) -> dict[str, Any]:
     """The config as ``config_<field>`` provenance entries."""
     return {f"config_{k}": v for k, v in asdict(cfg).items() if v is not None}
+
+
+def train_volume_package(
+    train_cases: Sequence[Case],
+    val_cases: Sequence[Case],
+    out_dir: Path | str,
+    *,
+    template: Path | str,
+    version: str,
+    config: Train3dConfig | None = None,
+    description: str = "",
+    provenance: Mapping[str, Any] | None = None,
+) -> tuple[Any, TrainResult]:
+    """Retrain a format 2 volume package's architecture: a :class:`UNet3d` trained on the
+    cases with the conventions of the package in ``template`` (input, inference,
+    outputs, labels, results kept as they are), written to ``out_dir`` as ``version``.
+
+    The template's golden cases are not carried over: they hold the template's own
+    labels, which a retrained network need not reproduce (the promotion gate judges it
+    on the test split instead).
+
+    Raises
+    ------
+    ModelLoadError
+        ``template`` is not a format 2 volume package.
+    ValueError, ModelError
+        As :func:`train_volume` and :func:`write_volume_package`.
+    """
+    import tomllib
+
+    from dicomnode.errors import ModelLoadError
+    from dicomnode.modelpkg.format1 import read_model_package
+    from dicomnode.modelpkg.format2 import ModelPackage2
+
+    pkg = read_model_package(template)
+    if not isinstance(pkg, ModelPackage2) or not isinstance(pkg.input, VolumeInput):
+        raise ModelLoadError(f"{template}: not a format 2 volume package (the 3D trainer "
+                             "keeps a volume package's conventions)")
+    if pkg.outputs.activation != "sigmoid" or pkg.outputs.regions:
+        raise ModelLoadError(f"{pkg.name}: the 3D trainer trains one sigmoid channel per "
+                             "label (no softmax, no regions)")
+    cfg = config or Train3dConfig()
+    doc = tomllib.loads((Path(template) / "model.toml").read_text(encoding="utf-8"))
+    doc = {k: v for k, v in doc.items()
+           if k not in ("format", "members", "validation", "provenance")}
+    doc["version"] = version
+    if description:
+        doc["description"] = description
+    thresholds = [lb.threshold for lb in pkg.labels]
+    result, _ = train_volume(train_cases, val_cases, pkg.input, pkg.inference, thresholds,
+                             cfg)
+    prov = {
+        "framework": f"torch {torch.__version__}",
+        "architecture": f"UNet3d base {cfg.base} levels {cfg.levels}",
+        "template": f"{pkg.name} {pkg.version}",
+        "train_cases": len(train_cases),
+        "val_cases": len(val_cases),
+        "best_val_dice": round(result.best_dice, 4),
+        "best_step": result.best_step,
+        "steps_run": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        **config_provenance(cfg),
+        **dict(provenance or {}),
+    }
+    out = write_volume_package(result.model, out_dir, doc, pkg.input, pkg.inference,
+                               provenance=prov)
+    return out, result
