@@ -288,8 +288,10 @@ def write_volume_package(model: torch.nn.Module, out: Path | str, document: Mapp
 
 
 def config_provenance(cfg: Train3dConfig) -> dict[str, Any]:
-    """The config as ``config_<field>`` provenance entries."""
-    return {f"config_{k}": v for k, v in asdict(cfg).items() if v is not None}
+    """The config as ``config_<field>`` provenance entries (scalars: a patch becomes
+    ``"16x48x48"``)."""
+    return {f"config_{k}": "x".join(map(str, v)) if isinstance(v, tuple | list) else v
+            for k, v in asdict(cfg).items() if v is not None}
 
 
 def train_volume_package(
