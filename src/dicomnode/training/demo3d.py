@@ -88,7 +88,7 @@ DEMO3D_INFERENCE = InferenceSpec(
     pad=Pad("constant", -1000.0, "real"),
     mirror_axes=(),
 )
-DEMO3D_CONFIG = Train3dConfig(steps=400, batch_size=4, lr=3e-3, base=8, levels=3,
+DEMO3D_CONFIG = Train3dConfig(steps=240, batch_size=4, lr=3e-3, base=8, levels=3,
                               val_every=40, patience=3, seed=0, threads=1,
                               train_patch=(16, 48, 48))
 """One thread: on the shared 2-core build machine, two OpenMP threads ran a step ten
