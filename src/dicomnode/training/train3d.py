@@ -209,6 +209,9 @@ def train_volume(train_cases: Sequence[Case], val_cases: Sequence[Case], spec: V
     if any(p % probe.size_multiple for p in (*inference.patch, *train_patch)):
         raise ValueError(f"patch {list(inference.patch)} / training patch {list(train_patch)}"
                          f" is not a multiple of {probe.size_multiple} on every axis")
+    if any(t > p for t, p in zip(train_patch, inference.patch, strict=True)):
+        raise ValueError(f"training patch {list(train_patch)} exceeds the package's patch "
+                         f"{list(inference.patch)} (volumes are padded to the latter)")
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
