@@ -60,7 +60,6 @@ def test_golden_case_passes_through_the_runtime() -> None:
     assert result["dice"]["1"] >= 0.95, result
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("seed", "spacing"), [(9311, (3.0, 1.5)), (9312, (2.5, 1.2)),
                                                (9314, (3.5, 1.3))])
 def test_finds_lesions_in_fresh_studies(runner, seed: int, spacing: tuple[float, float]
