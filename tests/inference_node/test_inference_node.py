@@ -13,6 +13,7 @@ from pydicom.uid import MRImageStorage
 
 from dicomnode.dicom.phantom import make_ct_study
 from dicomnode.dicom.pseudonym import Pseudonymizer
+from dicomnode.inference.package import demo_model_paths
 
 
 def rows(node: NodeProcess, sql: str) -> list[tuple]:
@@ -49,8 +50,11 @@ def test_demo_model_finds_the_lesions_of_a_fresh_phantom(tmp_path: Path) -> None
         routing = json.loads(info)["routing"]
         assert routing["applicable"] and routing["routes"][0]["model"] == "demo-lesion"
         models = json.loads(node.cli("models", "list", "--json").stdout)
-        assert sorted((m["name"], m["version"], m["status"]) for m in models) == [
-            ("demo-cxr-nodule", "1.0.0", "active"), ("demo-lesion", "1.0.0", "active")]
+        # every bundled demo is registered and active; only demo-lesion is routed on CT
+        assert sorted((m["name"], m["status"]) for m in models) == sorted(
+            (p.name, "active") for p in demo_model_paths())
+        assert ("demo-lesion", "1.0.0", "active") in [
+            (m["name"], m["version"], m["status"]) for m in models]
 
 
 def test_routing_picks_the_thinnest_axial_series_and_records_non_matching(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from dicomnode.api import ApiServices
 from dicomnode.config import RoutingRule, RoutingSettings
+from dicomnode.inference.package import demo_model_paths
 from dicomnode.storage.models import Job
 
 GETS = ["/health/ready", "/api/studies", "/api/studies/{study}", "/api/outbox",
@@ -215,7 +216,7 @@ def test_study_retry_only_from_a_final_outcome_and_audited(
 def test_models_show_versions_metrics_and_drift(api: httpx.Client) -> None:
     items = api.get("/api/models").json()["items"]
     # both bundled demos are registered on a fresh node
-    assert sorted(x["name"] for x in items) == ["demo-cxr-nodule", "demo-lesion"]
+    assert sorted(x["name"] for x in items) == sorted(p.name for p in demo_model_paths())
     [m] = [x for x in items if x["name"] == "demo-lesion"]
     assert m["active_version"] == "1.0.0"
     versions = {v["version"]: v for v in m["versions"]}
@@ -329,7 +330,7 @@ def test_pages_render(api: httpx.Client, node_data: NodeData) -> None:
     assert 'id="retry-' in study and "Lesion" in study
     models = api.get("/ui/models").text
     n_models = len(api.get("/api/models").json()["items"])
-    assert n_models == 2 and models.count("<svg") == 3 * n_models and "<polyline" in models
+    assert n_models == len(demo_model_paths()) and models.count("<svg") == 3 * n_models and "<polyline" in models
     for plane in ("axial", "coronal", "sagittal"):
         png = api.get(f"/ui/studies/{node_data.study_id}/results/{node_data.result_id}/"
                       f"{plane}.png")

@@ -22,6 +22,7 @@ from dicomnode.modelpkg.format1 import (
 )
 
 __all__ = [
+    "DEMO_3D_MODEL",
     "DEMO_CXR_MODEL",
     "DEMO_MODEL",
     "Code",
@@ -40,6 +41,12 @@ DEMO_MODEL = "demo-lesion"
 DEMO_CXR_MODEL = "demo-cxr-nodule"
 """The bundled radiograph demo: a nodule classifier on synthetic chest films (rebuild it
 with ``python -m dicomnode.training.cxr_demo --out DIR``)."""
+DEMO_3D_MODEL = "demo-lesion-3d"
+"""The bundled 3D demo: a 3D U-Net for phantom lesions run by sliding window, format 2
+(rebuild it with ``python -m dicomnode.training.demo3d --out DIR``). Registered and
+active, but no default routing rule runs it: on a CT it would answer the same question as
+the 2D demo with a second SEG; route CT to it in ``[[routing.rules]]`` instead of (or
+beside) ``demo-lesion``."""
 
 
 def demo_model_path() -> Path:
@@ -52,6 +59,7 @@ def demo_model_path() -> Path:
 
 
 def demo_model_paths() -> list[Path]:
-    """Every bundled demo package: the lesion segmenter and the radiograph classifier."""
+    """Every bundled demo package: the 2D and 3D lesion segmenters and the radiograph
+    classifier."""
     base = Path(str(resources.files("dicomnode.inference") / "models"))
-    return [demo_model_path(), base / DEMO_CXR_MODEL]
+    return [demo_model_path(), base / DEMO_CXR_MODEL, base / DEMO_3D_MODEL]

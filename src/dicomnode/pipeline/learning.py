@@ -27,8 +27,11 @@ from dicomnode.dicom.seg import read_seg
 from dicomnode.dicom.volume import assemble_volume
 from dicomnode.errors import DatasetError, InferenceError, NodeError
 from dicomnode.inference import OnnxModel
+from dicomnode.inference.runtime import load_runner
 from dicomnode.jobs.local import describe_error
 from dicomnode.modelpkg.format1 import read_model_package
+from dicomnode.modelpkg.format2 import ModelPackage2, VolumeInput
+from dicomnode.modelpkg.prepare import axial_affine
 from dicomnode.training.dataset import DatasetCard, StudyInfo
 from dicomnode.training.labels import assess_annotations, dice_per_label
 
@@ -274,10 +277,20 @@ class NodeRegistryOps:
             # in this process, as the candidate is: the serving sessions may be an
             # isolated child that runs packages by infer_volume only
             active.version,
-            OnnxModel.load(active.path, self.ctx.models.options).predict_mask,
+            self.predictor(active.path),
         )
 
     def predictor(self, package_dir: Path) -> Any:
+        pkg = read_model_package(package_dir)
+        if isinstance(pkg, ModelPackage2) and isinstance(pkg.input, VolumeInput):
+            runner = load_runner(pkg, self.ctx.models.options,
+                                 self.ctx.settings.inference.memory_budget_mb)
+
+            def predict(volume: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+                # cases carry spacing only: the node's label volumes are axial stacks
+                return np.asarray(runner.run(volume, axial_affine(spacing)).labels)
+
+            return predict
         return OnnxModel.load(package_dir, self.ctx.models.options).predict_mask
 
     def next_version(self, name: str) -> str:
@@ -322,11 +335,18 @@ def run_retrain(
     rt = _torch_side()
     from dicomnode.training.gate import GatePolicy
     from dicomnode.training.train import TrainConfig
+    from dicomnode.training.train3d import Train3dConfig
+
+    # a format 2 volume package retrains its 3D architecture with its own conventions
+    volume = isinstance(pkg, ModelPackage2) and isinstance(pkg.input, VolumeInput)
 
     run_id = ctx.labels.start_run(lc.model, tick=tick)
     settings = rt.RetrainSettings(
         name=lc.model,
-        contract=pkg.input,
+        contract=None if volume else pkg.input,
+        volume_template=active.path if volume else None,
+        train3d_config=Train3dConfig(steps=lc.train_steps, seed=lc.train_seed, threads=2,
+                                     progress=False),
         labels=pkg.labels,
         work_dir=ctx.files.root / "training",
         # validation every 100 steps with patience 2: on CPU one validation pass costs
@@ -344,7 +364,7 @@ def run_retrain(
         fractions=lc.fractions,
         min_new_labels=0 if force else lc.min_new_labels,
         include_flagged=lc.include_flagged,
-        min_component_mm3=float(pkg.outputs.min_component_mm3 or 0.0),
+        min_component_mm3=float(getattr(pkg.outputs, "min_component_mm3", 0.0) or 0.0),
         description=f"retrained from {lc.model} {active.version} on the node's labels",
     )
     try:

@@ -18,7 +18,9 @@ Steps: (1) skip unless ``min_new_labels`` labels arrived since the last run;
 ``include_flagged``; (3) split by patient pseudonym (:func:`split_by_patient`, keyed
 hash, fixed ``split_seed``) and build the dataset card; (4) train
 (:func:`~dicomnode.training.train.train_package`: best checkpoint on the validation
-split, exported to ONNX and parity-checked); (5) score candidate and active model on
+split, exported to ONNX and parity-checked; for a format 2 volume model,
+:func:`~dicomnode.training.train3d.train_volume_package`, a 3D U-Net with the active
+package's conventions); (5) score candidate and active model on
 the test split through their predictors; (6) register the candidate with its metrics
 and card; (7) apply the gate (:mod:`dicomnode.training.gate`) and promote or reject.
 Every random choice is seeded (split, training, bootstrap), so the same data and
@@ -48,6 +50,7 @@ from dicomnode.training.dataset import (
 from dicomnode.training.evaluate import Evaluation, Predictor, evaluate
 from dicomnode.training.gate import GateDecision, GatePolicy, decide_evaluations
 from dicomnode.training.train import TrainConfig, train_package
+from dicomnode.training.train3d import Train3dConfig, train_volume_package
 
 __all__ = [
     "ActiveModel",
@@ -137,7 +140,9 @@ class RetrainSettings:
 
     name: str
     """Model name (the registry's key)."""
-    contract: InputContract
+    contract: InputContract | None
+    """The 2D contract a :class:`~dicomnode.training.unet.UNet2d` is trained with; None
+    with ``volume_template``."""
     labels: tuple[Label, ...]
     """Output labels in channel order, numbered 1..n."""
     work_dir: Path
@@ -154,8 +159,16 @@ class RetrainSettings:
     """Train on studies whose annotators disagreed (default: leave them out)."""
     min_component_mm3: float = 0.0
     description: str = ""
+    volume_template: Path | None = None
+    """A format 2 volume package (the active one): the candidate is a
+    :class:`~dicomnode.training.unet.UNet3d` trained with its conventions
+    (:func:`~dicomnode.training.train3d.train_volume_package`) instead of a 2D network."""
+    train3d_config: Train3dConfig = field(default_factory=Train3dConfig)
+    """Hyper-parameters of the 3D trainer (with ``volume_template``)."""
 
     def __post_init__(self) -> None:
+        if (self.contract is None) == (self.volume_template is None):
+            raise ValueError("give either contract (2D) or volume_template (3D), not both")
         if not self.labels:
             raise ValueError("labels: at least one label is required")
         numbers = [lb.number for lb in self.labels]
@@ -292,24 +305,32 @@ def retrain(
     if run_dir.exists():
         shutil.rmtree(run_dir)  # left by a run that crashed before registering this version
     tb = time.perf_counter()
-    pkg, result = train_package(
-        cases["train"],
-        cases["val"],
-        package_dir,
-        name=name,
-        version=version,
-        contract=settings.contract,
-        labels=settings.labels,
-        config=settings.train_config,
-        work_dir=run_dir / "checkpoints",
-        description=settings.description,
-        min_component_mm3=settings.min_component_mm3,
-        provenance={
-            "data": f"{card.studies['train']} train / {card.studies['val']} val labelled "
-            f"studies; split seed {settings.split_seed}",
-            "test_studies": card.studies["test"],
-        },
-    )
+    provenance = {
+        "data": f"{card.studies['train']} train / {card.studies['val']} val labelled "
+        f"studies; split seed {settings.split_seed}",
+        "test_studies": card.studies["test"],
+    }
+    if settings.volume_template is not None:
+        pkg, result = train_volume_package(
+            cases["train"], cases["val"], package_dir, template=settings.volume_template,
+            version=version, config=settings.train3d_config,
+            description=settings.description, provenance=provenance)
+    else:
+        assert settings.contract is not None  # __post_init__
+        pkg, result = train_package(
+            cases["train"],
+            cases["val"],
+            package_dir,
+            name=name,
+            version=version,
+            contract=settings.contract,
+            labels=settings.labels,
+            config=settings.train_config,
+            work_dir=run_dir / "checkpoints",
+            description=settings.description,
+            min_component_mm3=settings.min_component_mm3,
+            provenance=provenance,
+        )
     t_train = time.perf_counter() - tb
     (package_dir / CARD_JSON).write_text(card.to_json(), encoding="utf-8")
     (package_dir / CARD_MARKDOWN).write_text(card.to_markdown(), encoding="utf-8")

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dicomnode.modelpkg.format1 import InputContract, Label, ModelPackage
 from dicomnode.training.data import Case, PatchDataset, PreparedCases, prepare_cases
-from dicomnode.training.unet import UNet2d
+from dicomnode.training.unet import UNet2d, UNet3d
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_package"]
 
@@ -81,7 +81,7 @@ class TrainResult:
     history: tuple[tuple[int, float, float], ...]
     """(step, mean training loss since the previous validation, validation Dice)."""
     checkpoint: Path | None
-    model: UNet2d = field(repr=False)
+    model: UNet2d | UNet3d = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class _Progress:
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     bce = F.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits)
-    dims = (0, 2, 3)
+    dims = (0, *range(2, logits.ndim))  # 2D slices and 3D patches alike
     inter = (prob * target).sum(dims)
     denom = prob.sum(dims) + target.sum(dims)
     dice = (2 * inter + 1.0) / (denom + 1.0)
