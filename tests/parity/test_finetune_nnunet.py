@@ -113,3 +113,78 @@ def test_finetune_candidate_is_registered_and_gated(tmp_path: Path) -> None:
         assert float(np.median(rel)) < 0.5, "weights are not the serving model's, fine-tuned"
     finally:
         engine.dispose()
+
+
+def test_train_now_on_a_node_fine_tunes_the_imported_model(tmp_path: Path) -> None:
+    """Through the node: studies and annotator SEGs arrive over DICOM, ``dicomnode train
+    --now`` takes the nnU-Net path for the imported active model (by its provenance) and
+    records the run with the gate's decision."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from nodeutil import NodeProcess, storescu, wait_for
+
+    from dicomnode.dicom.findings import AlgorithmSpec, DeviceSpec
+    from dicomnode.dicom.phantom import make_ct_study
+    from dicomnode.dicom.seg import SegmentSpec, build_seg
+
+    folder = nm.write_model_folder(tmp_path / "results", nm.plans(**PLAN), folds=1,
+                                   mirroring=())
+    report = import_nnunet(folder, tmp_path / "pkg", axes="SPL", generic_codes=True)
+    name = read_model_package(report.package).name
+    node = NodeProcess(tmp_path / "node", {
+        "inference": {"demo_model": False},
+        "results": {"destinations": []},
+        "learning": {"annotation_aes": ["ANNOTATOR"], "model": name, "enabled": False,
+                     "fractions": [0.5, 0.2, 0.3], "nnunet_epochs": 1,
+                     "nnunet_iterations_per_epoch": 2},
+        "deid": {"secret": "nnunet-finetune-test-secret-0123456789abcdef"},
+    })
+    node.cli("db", "upgrade")
+    node.cli("models", "add", str(report.package), "--activate")
+
+    def labelled() -> int:
+        con = sqlite3.connect(f"file:{node.data_dir / 'dicomnode.db'}?mode=ro", uri=True)
+        try:
+            return int(con.execute("select count(*) from ground_truth").fetchone()[0])
+        finally:
+            con.close()
+
+    with node:
+        for n in range(8):
+            study = make_ct_study(seed=700 + n, patient_id=f"FT-{n}", patient_name="Ft^Node",
+                                  n_slices=12, rows=48, columns=48)
+            d = tmp_path / f"s{n}"
+            d.mkdir()
+            for i, ds in enumerate(study.datasets):
+                ds.save_as(d / f"{i:03d}.dcm", enforce_file_format=True)
+            assert storescu(node.port, sorted(d.glob("*.dcm"))).returncode == 0
+            seg = build_seg(
+                study.datasets, study.mask,
+                [SegmentSpec(1, "Lesion", ("SCT", "49755003", "Morphologically abnormal "
+                                           "structure"), ("SCT", "108369006", "Neoplasm"))],
+                AlgorithmSpec("manual", "1"), device=DeviceSpec("V", "W", "1", "S"),
+                series_instance_uid=f"2.25.{700 + n}01", sop_instance_uid=f"2.25.{700 + n}02",
+                series_number=90)
+            seg.save_as(d / "seg.dcm", enforce_file_format=True)
+            assert storescu(node.port, [d / "seg.dcm"], "-R", aet="ANNOTATOR").returncode == 0
+        wait_for(lambda: labelled() == 8, 180)
+    run = subprocess.run([sys.executable, "-m", "dicomnode", "train", "--now", "--config",
+                          str(node.config_path)], capture_output=True, text=True,
+                         env=node.env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout)
+    assert record["status"] in ("promoted", "rejected"), record
+    con = sqlite3.connect(f"file:{node.data_dir / 'dicomnode.db'}?mode=ro", uri=True)
+    try:
+        [(status, reason, metrics)] = con.execute(
+            "select status, reason, metrics from training_run").fetchall()
+    finally:
+        con.close()
+    assert (status, reason) == (record["status"], record["reason"])
+    metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+    assert metrics["train"]["trainer"] == "nnU-Net"
+    models = {m["version"]: m for m in json.loads(
+        node.cli("models", "list", "--json").stdout)}
+    assert models[record["version"]]["status"] in ("active", "rejected")

@@ -15,7 +15,7 @@ candidate is fine-tuned from in turn.
    the new dataset's plans, so patch size, spacing, network and the CT normalisation's
    foreground statistics stay the source's (``nnUNetv2_plan_and_preprocess`` would derive
    new ones from the new data, which breaks the checkpoint's meaning);
-2. *fingerprint* (nnU-Net's extractor; the trainer copies it next to the results) and
+2. *fingerprint* (nnU-Net's per-case analysis; the trainer copies it next to the results) and
    *preprocess* each case with the plans' preprocessor (``run_case_save``);
 3. *train* each source fold with :class:`NodeFinetuneTrainer` (a subclass of the source's
    trainer class with a short, configurable schedule and a lower learning rate), its
@@ -145,6 +145,40 @@ def _load_serving_weights(network: Any, checkpoint: Path) -> None:
     mod.load_state_dict(own)
 
 
+def _fingerprint(raw_root: Path, dataset: dict[str, Any], out: Path) -> None:
+    """nnU-Net's dataset fingerprint (its ``analyze_case`` per case, aggregated as
+    ``DatasetFingerprintExtractor.run`` does) computed in this process: ``run`` starts a
+    spawn pool, which re-imports the caller's main module (a node worker, a script). Kept
+    for the record beside the results; planning does not use it (the plans are the
+    source's)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    cases = get_filenames_of_train_images_and_targets(str(raw_root), dataset)
+    reader = determine_reader_writer_from_dataset_json(
+        dataset, next(iter(cases.values()))["images"][0])
+    per_case = int(10e7 // len(cases))  # the extractor's num_foreground_voxels_for_intensitystats
+    results = [DatasetFingerprintExtractor.analyze_case(c["images"], c["label"], reader, per_case)
+               for c in cases.values()]
+    stats = {}
+    for i in range(len(results[0][2])):
+        values = np.concatenate([r[2][i] for r in results])
+        p005, median, p995 = np.percentile(values, (0.5, 50.0, 99.5))
+        stats[str(i)] = {"mean": float(values.mean()), "median": float(median),
+                         "std": float(values.std()), "min": float(values.min()),
+                         "max": float(values.max()), "percentile_99_5": float(p995),
+                         "percentile_00_5": float(p005)}
+    out.write_text(json.dumps({
+        "spacings": [[float(x) for x in r[1]] for r in results],
+        "shapes_after_crop": [[int(x) for x in r[0]] for r in results],
+        "foreground_intensity_properties_per_channel": stats,
+        "median_relative_size_after_cropping": float(np.median([r[4] for r in results])),
+    }, indent=2))
+
+
 def finetune_nnunet(source: Path | str, raw_dataset: Path | str, work_dir: Path | str, *,
                     configuration: str = "3d_fullres", folds: Sequence[int | str] = (0,),
                     checkpoint: str = "checkpoint_final.pth",
@@ -198,12 +232,8 @@ def finetune_nnunet(source: Path | str, raw_dataset: Path | str, work_dir: Path 
         (pre / "dataset.json").write_text(json.dumps(dataset, indent=2))
         shutil.copyfile(raw / "splits_final.json", pre / "splits_final.json")
 
-        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
-            DatasetFingerprintExtractor,
-        )
-
         dataset_id = int(name.removeprefix("Dataset").split("_", 1)[0])
-        DatasetFingerprintExtractor(dataset_id, num_processes=1, verbose=False).run()
+        _fingerprint(raw_root, dataset, pre / "dataset_fingerprint.json")
 
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
         from nnunetv2.utilities.find_objects import recursive_find_python_class
