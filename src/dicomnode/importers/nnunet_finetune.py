@@ -220,7 +220,7 @@ def finetune_nnunet(source: Path | str, raw_dataset: Path | str, work_dir: Path 
         # the source's labels and channel; the raw dataset's case count and file ending
         dataset = {**dataset, "numTraining": raw_json["numTraining"],
                    "file_ending": raw_json["file_ending"]}
-        dataset.pop("dataset", None)
+        dataset.pop("dataset", None)  # an explicit file list would name the source's files
         (raw_root / "dataset.json").write_text(json.dumps(dataset, indent=2))
         pre = paths["nnUNet_preprocessed"] / name
         if pre.exists():
