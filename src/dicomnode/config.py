@@ -597,6 +597,12 @@ class LearningSettings(_Section):
     """Train / validation / test shares of the patients (split by patient pseudonym)."""
     split_seed: int = 0
     """Keep fixed: test patients then never enter training in later runs."""
+    nnunet_epochs: int = Field(5, ge=1)
+    """Fine-tune of an imported nnU-Net model (importers.nnunet_finetune): nnU-Net epochs."""
+    nnunet_iterations_per_epoch: int = Field(50, ge=1)
+    """... and training iterations per epoch (nnU-Net's default, 250, is for from scratch)."""
+    nnunet_lr: float = Field(1e-3, gt=0)
+    """... and initial learning rate (nnU-Net's poly schedule from here)."""
 
 
 class ApiSettings(_Section):

@@ -367,7 +367,10 @@ def import_nnunet(results_dir: Path | str, out_dir: Path | str, *,
         "outputs": outputs,
         "validation": {"cases": [{"file": "golden/case0.npz", "min_dice": min_dice}]},
         "provenance": {
+            # the absolute model folder: a retrain fine-tunes from its plans and
+            # checkpoints (importers.nnunet_finetune); the package carries no .pth
             "source": "nnU-Net v2", "folder": folder.name, "trainer": trainer_name,
+            "results_folder": str(folder.resolve()),
             "configuration": configuration, "folds": ",".join(map(str, folds)),
             "checkpoint": ck_name, "training_axes": train_axes,
             "training_axes_from": "option" if axes is not None else "training image header",

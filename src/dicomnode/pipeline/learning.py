@@ -332,6 +332,9 @@ def run_retrain(
     if active is None:
         raise NodeError(f"learning.model: no active version of {lc.model} to retrain")
     pkg = read_model_package(active.path)
+    provenance = dict(getattr(pkg, "provenance", None) or {})
+    if provenance.get("source") == "nnU-Net v2" and provenance.get("results_folder"):
+        return _run_nnunet_retrain(ctx, active, force=force, tick=tick)
     rt = _torch_side()
     from dicomnode.training.gate import GatePolicy
     from dicomnode.training.train import TrainConfig
@@ -393,6 +396,69 @@ def run_retrain(
     else:
         log.info("retraining %s: %s (%s)", lc.model, out.status, out.reason)
     return record
+
+
+def _nnunet_side() -> Any:
+    """importers.nnunet_finetune (torch and nnunetv2), imported on use: the serving path
+    never loads the importers (lint-imports' contract sees static imports only)."""
+    try:
+        return importlib.import_module("dicomnode.importers.nnunet_finetune")
+    except ImportError as exc:
+        raise NodeError(
+            "retraining an imported nnU-Net model needs nnU-Net: pip install "
+            "'dicomnode[import]'"
+        ) from exc
+
+
+def _run_nnunet_retrain(
+    ctx: TaskContext, active: Any, *, force: bool, tick: int | None
+) -> dict[str, Any]:
+    """The retrain of a model imported from nnU-Net: nnU-Net's trainer fine-tunes the
+    serving checkpoint (importers.nnunet_finetune), the re-import is the candidate, and
+    the same gate decides. Recorded as a training run like the PyTorch path."""
+    lc = ctx.settings.learning
+    from dicomnode.training.gate import GatePolicy
+
+    run_id = ctx.labels.start_run(lc.model, tick=tick)
+    source = NodeLabelSource(ctx)
+    try:
+        new = int(source.new_label_count())
+        if not force and new < lc.min_new_labels:
+            out = {"status": "skipped", "reason": f"{new} new label(s) since the last run, "
+                   f"{lc.min_new_labels} needed", "version": None, "new_labels": new}
+            ctx.labels.finish_run(run_id, status="skipped", reason=out["reason"],
+                                  new_labels=new)
+            return out
+        studies = [s for s in source.studies() if lc.include_flagged or not s.flagged]
+
+        def load(study: StudyInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            case = source.load(study)
+            study_id = ctx.index.study_id_of(study.study_key)
+            truths = ctx.labels.for_study(study_id)
+            geometry = _series_volume(ctx, study_id, truths[0].series_key)
+            return case.volume, case.mask, np.asarray(geometry.affine)
+
+        nf = _nnunet_side()
+        result = nf.retrain_imported(
+            studies, load, NodeRegistryOps(ctx), name=lc.model, active_dir=Path(active.path),
+            active_version=active.version, work_dir=ctx.files.root / "training",
+            gate=GatePolicy(margin=lc.margin, floor=lc.floor), fractions=lc.fractions,
+            split_seed=lc.split_seed, new_labels=new,
+            settings=nf.FinetuneSettings(epochs=lc.nnunet_epochs,
+                                         iterations_per_epoch=lc.nnunet_iterations_per_epoch,
+                                         initial_lr=lc.nnunet_lr))
+    except Exception as exc:
+        ctx.labels.finish_run(run_id, status="failed", reason=describe_error(exc))
+        log.error("retraining %s (nnU-Net) failed: %s", lc.model, describe_error(exc))
+        return {"status": "failed", "reason": describe_error(exc)}
+    ctx.labels.finish_run(
+        run_id, status=result.status, reason=result.reason, version=result.version,
+        new_labels=new, metrics=json.loads(json.dumps(result.metrics, default=str)),
+        card=json.loads(result.card.to_json()) if result.card is not None else {},
+    )
+    log.info("retraining %s (nnU-Net): %s (%s)", lc.model, result.status, result.reason)
+    return {"status": result.status, "reason": result.reason, "version": result.version,
+            "new_labels": new}
 
 
 def retrain_task(ctx: TaskContext) -> None:
