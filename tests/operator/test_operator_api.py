@@ -330,7 +330,8 @@ def test_pages_render(api: httpx.Client, node_data: NodeData) -> None:
     assert 'id="retry-' in study and "Lesion" in study
     models = api.get("/ui/models").text
     n_models = len(api.get("/api/models").json()["items"])
-    assert n_models == len(demo_model_paths()) and models.count("<svg") == 3 * n_models and "<polyline" in models
+    assert n_models == len(demo_model_paths())
+    assert models.count("<svg") == 3 * n_models and "<polyline" in models
     for plane in ("axial", "coronal", "sagittal"):
         png = api.get(f"/ui/studies/{node_data.study_id}/results/{node_data.result_id}/"
                       f"{plane}.png")
