@@ -393,3 +393,11 @@ def test_api_server_reports_a_port_in_use(node_data: NodeData, api_url: str) -> 
     with pytest.raises(NodeError, match="did not start"):
         server.start()
     server.stop()
+
+
+def test_a_repeated_query_parameter_is_refused(api: httpx.Client) -> None:
+    # every API parameter is one value; FastAPI alone would take the last silently
+    r = api.get("/api/jobs", params=[("queue", "gpu"), ("queue", "cpu")])
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "queue"]
+    assert api.get("/api/jobs", params={"queue": "gpu"}).status_code == 200

@@ -32,7 +32,7 @@ def test_destination_transports_are_checked_at_load(tmp_path: Path) -> None:
                          "pacs": {"ae_title": "PACS", "host": "h", "port": 104}},
                   results={"destinations": ["ris", "web", "pacs"]})
     assert ok.peers["ris"].result_kinds == ("notification",)
-    assert ok.peers["web"].result_kinds == ("SEG", "SR")
+    assert ok.peers["web"].result_kinds == ("SEG", "SR", "PM", "KEY")  # every image kind
     assert ok.allowed_calling_aes() == ["PACS"]
     bad = [
         ({"p": {"host": "h", "port": 1}}, "ae_title is required"),

@@ -72,7 +72,17 @@ def create_api(services: ApiServices, settings: Any) -> FastAPI:
     @app.middleware("http")
     async def _headers(request: Request,
                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
+        # Every query parameter of the API is a single value; FastAPI would silently
+        # take the last of repeated ones (?queue=a&queue=b), so refuse them instead.
+        keys = [k for k, _ in request.query_params.multi_items()]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated and request.url.path.startswith("/api/"):
+            # in FastAPI's own validation-error shape (the schema's HTTPValidationError)
+            response: Response = JSONResponse({"detail": [
+                {"loc": ["query", k], "msg": "given more than once", "type": "value_error"}
+                for k in repeated]}, status_code=422)
+        else:
+            response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
         if response.headers.get("content-type", "").startswith("text/html"):
