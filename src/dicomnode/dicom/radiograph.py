@@ -116,7 +116,7 @@ def make_chest_radiograph(
     ds.SeriesInstanceUID = series_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260302"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "091500"
-    ds.AccessionNumber = f"ACC-{patient_id}"
+    ds.AccessionNumber = f"ACC-{patient_id}"[:16]  # SH: 16 characters at most
     ds.Modality = "DX"
     ds.Manufacturer = "dicomnode phantom"
     ds.ReferringPhysicianName = "Doctor^Referring"
