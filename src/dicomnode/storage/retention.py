@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import JSON, Engine, column, delete, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import audit
@@ -128,9 +128,12 @@ def _sweep_outbox(sessions: sessionmaker[Session], files: FileStore, s: Retentio
     n = nfiles = 0
     while True:
         with sessions.begin() as db:
-            rows = db.execute(select(OutboxItem.id, OutboxItem.path, OutboxItem.sop_instance_uid)
-                              .where(OutboxItem.status.in_(DELIVERED),
-                                     OutboxItem.created_at < cutoff).limit(s.batch)).all()
+            rows = db.execute(
+                text(f"SELECT id, path, sop_instance_uid FROM "
+                     f"{_indexed(db, 'outbox', 'ix_outbox_status_created')} "
+                     f"WHERE status IN ('sent', 'confirmed', 'dropped') "
+                     f"AND created_at < :cutoff LIMIT :n"),
+                {"cutoff": cutoff, "n": s.batch}).all()
             if not rows:
                 return n, nfiles
             ids = [r.id for r in rows]
@@ -164,10 +167,19 @@ def _sweep_labels(sessions: sessionmaker[Session], files: FileStore, s: Retentio
         n += len(rows)
 
 
+def _indexed(db: Session, table: str, index: str) -> str:
+    """``table`` with SQLite's ``INDEXED BY``: its planner scans a table that its last
+    statistics called small, and a sweep must stay an index search however the table has
+    grown since (PostgreSQL keeps its own statistics current)."""
+    return f"{table} INDEXED BY {index}" if db.get_bind().dialect.name == "sqlite" else table
+
+
 def _active_job_studies(db: Session) -> set[int]:
     """Studies a waiting or running job names (few rows: the claim index's todo/running)."""
     out: set[int] = set()
-    for args in db.execute(select(Job.args).where(Job.status.in_(("todo", "running")))).scalars():
+    stmt = text(f"SELECT args FROM {_indexed(db, 'job', 'ix_job_status_updated')} "
+                "WHERE status IN ('todo', 'running')").columns(column("args", JSON))
+    for args in db.execute(stmt).scalars():
         sid = (args or {}).get("study_id") if isinstance(args, dict) else None
         if isinstance(sid, int):
             out.add(sid)
