@@ -43,10 +43,8 @@ from dicomnode.dicom.findings import (
     check_lo,
     check_uid,
     derived_uid,
-    pin_times,
 )
-from dicomnode.dicom.seg import REPLACED_PURPOSE
-from dicomnode.dicom.sr import ABSENT, PRESENT, QUALITATIVE_EVALUATIONS
+from dicomnode.dicom.sr import ABSENT, PRESENT, QUALITATIVE_EVALUATIONS, finish_report
 
 __all__ = ["PROBABILITY", "ClassifiedLabel", "build_classification_report"]
 
@@ -236,12 +234,5 @@ def build_classification_report(
         previous_versions=previous,
         **dates,
     )
-    if supersedes is not None:
-        purpose = _concept(REPLACED_PURPOSE)
-        for study in sr.PredecessorDocumentsSequence:
-            for series in study.ReferencedSeriesSequence:
-                for sop in series.ReferencedSOPSequence:
-                    sop.PurposeOfReferenceCodeSequence = [purpose]
-    if content_datetime is not None:
-        pin_times(sr, content_datetime)
-    return sr
+    return finish_report(sr, replaces=supersedes is not None,
+                         content_datetime=content_datetime)

@@ -629,9 +629,18 @@ def build_measurement_report(
         previous_versions=previous,
         **dates,
     )
-    if supersedes is not None:
-        # Purpose of Reference sits on the Referenced SOP Sequence item (the
-        # level dciodvfy accepts it at); CID 7009 "Replaced report".
+    return finish_report(sr, replaces=supersedes is not None,
+                         content_datetime=content_datetime)
+
+
+def finish_report(sr: hd.sr.Comprehensive3DSR, *, replaces: bool,
+                  content_datetime: _dt.datetime | None) -> hd.sr.Comprehensive3DSR:
+    """Mark the predecessors of a superseding report as replaced and pin its times.
+
+    Purpose of Reference sits on the Referenced SOP Sequence item (the level dciodvfy
+    accepts it at); CID 7009 "Replaced report".
+    """
+    if replaces:
         purpose = _concept(REPLACED_PURPOSE)
         for study in sr.PredecessorDocumentsSequence:
             for series in study.ReferencedSeriesSequence:
